@@ -1,0 +1,249 @@
+"""What every adapter layer shares: a frozen base, merge/unmerge, and low-rank resizing.
+
+An adapter wraps a frozen base layer and adds a trainable correction
+
+    y = base_layer(x) + delta(x)
+
+The base may be an `nn.Linear` or a quantized Linear-like layer (anything with
+`in_features`, `out_features` and `dequantize()`); the adapter only calls
+`base_layer(x)` and, when it needs W0, `base_weight(base_layer)`.
+
+Dtypes: the adapter's parameters have their own dtype (by default the base
+weight's). The delta is computed in that dtype and the sum is returned in the
+dtype of the base layer's output, so a bf16 base with an fp32 adapter gives bf16.
+
+Scaling across `resize`: `scaling` is always `alpha / r` (or `alpha / sqrt(r)`
+with rsLoRA), as in PEFT, so a saved adapter keeps meaning the same thing with a
+per-layer rank. When the rank changes, `B` is multiplied by
+`old_scaling / new_scaling`, so the product `scaling * B @ A` (and the layer's
+output) is unchanged. Growing keeps the old rows of A bit-for-bit at `[:r_old]`
+and the old columns of B at `[:, :r_old]` (times that factor; the factor is 1
+with a fixed `scaling`, e.g. in subclasses that keep it constant).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+QUANTIZED_MERGE_ERROR = (
+    "merge into a quantized base: the base layer {kind} stores packed low-bit weights, so an in-place "
+    "merge would have to requantize and lose the update; use lora.merge_lora_weights(model) (replaces the "
+    "adapter by a plain nn.Linear holding the dequantized W + delta W) or quantization.requantize... "
+    "to build a new quantized layer from the merged weight")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """An `nn.Linear`, or a quantized stand-in (in_features, out_features, dequantize())."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (hasattr(module, "in_features") and hasattr(module, "out_features")
+            and callable(getattr(module, "dequantize", None)))
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return not isinstance(module, nn.Linear) and callable(getattr(module, "dequantize", None))
+
+
+def base_weight(base: nn.Module) -> Tensor:
+    """The (out, in) weight of a base layer: `base.dequantize()` for quantized layers, else `base.weight`."""
+    if callable(getattr(base, "dequantize", None)) and not isinstance(base, nn.Linear):
+        return base.dequantize()
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"base_weight: expected an nn.Linear or a layer with dequantize(), "
+                        f"got {type(base).__name__} without a weight tensor")
+    return weight
+
+
+def check_rank(rank, who: str = "adapter") -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"{who}: rank must be a positive int, got {rank!r}")
+    return rank
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """alpha / r (Hu et al. 2021), or alpha / sqrt(r) for rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def kaiming_rows_(A: Tensor) -> Tensor:
+    """LoRA's A init: kaiming-uniform(a=sqrt(5)) as nn.Linear does (bound 1/sqrt(in))."""
+    return nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+
+
+@torch.no_grad()
+def resized_low_rank(A: Tensor, B: Tensor, new_rank: int) -> tuple[Tensor, Tensor]:
+    """New factors (A', B') of rank `new_rank` for the product B @ A.
+
+    A (r, in), B (out, r). Growing keeps A[:r] and B[:, :r] as they are, appends
+    kaiming-uniform rows to A and zero columns to B, so B' @ A' == B @ A exactly.
+    Shrinking takes the truncated SVD B @ A = U S V^T and splits it evenly,
+    B' = U_k sqrt(S_k), A' = sqrt(S_k) V_k^T: the best rank-k approximation
+    (Eckart-Young), exact when rank(B @ A) <= k. The SVD runs in float32.
+    """
+    check_rank(new_rank, "resize")
+    r, d_in = A.shape
+    if new_rank == r:
+        return A.clone(), B.clone()
+    if new_rank > r:
+        new_rows = kaiming_rows_(torch.empty(new_rank - r, d_in, dtype=torch.float32, device=A.device))
+        A_new = torch.cat([A, new_rows.to(A.dtype)], dim=0)                       # (k, in)
+        B_new = torch.cat([B, B.new_zeros(B.shape[0], new_rank - r)], dim=1)      # (out, k)
+        return A_new, B_new
+    # Shrink: thin SVD of the (out, in) product via the factors, never forming more than needed.
+    delta = B.float() @ A.float()                                                 # (out, in)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    root = S[:new_rank].sqrt()
+    B_new = U[:, :new_rank] * root                                                # (out, k)
+    A_new = root[:, None] * Vh[:new_rank]                                         # (k, in)
+    return A_new.to(A.dtype), B_new.to(B.dtype)
+
+
+def _set_data(param: nn.Parameter, data: Tensor) -> None:
+    """Swap a Parameter's storage, keeping the object (optimizers keep referencing it)."""
+    param.data = data.contiguous()
+    param.grad = None   # an old-shaped gradient cannot be accumulated into the new shape
+
+
+class AdapterLayer(nn.Module):
+    """Common base of the adapter layers: a frozen `base_layer` plus a trainable correction.
+
+    Subclasses define `get_delta_weight()` (out, in) and `forward`. `merge()` adds
+    the delta into an `nn.Linear` base in place, remembering the original weight
+    so `unmerge()` restores it bit-for-bit; merging is always an explicit call.
+    """
+
+    def __init__(self, base_layer: nn.Module, *, dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Module) or not is_linear_like(base_layer):
+            raise TypeError(f"{type(self).__name__}: base_layer must be an nn.Linear or a Linear-like "
+                            f"quantized layer (in_features, out_features, dequantize()), "
+                            f"got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features = int(base_layer.in_features)
+        self.out_features = int(base_layer.out_features)
+        self.merged = False
+        self._original_weight: Tensor | None = None  # set while merged
+        self._factory = self._factory_kwargs(base_layer, dtype)
+
+    @staticmethod
+    def _factory_kwargs(base: nn.Module, dtype: torch.dtype | None) -> dict:
+        """Device of the base; dtype: asked for, else the base weight's (float32 for packed weights)."""
+        tensors = list(base.parameters()) + list(base.buffers())
+        device = tensors[0].device if tensors else None
+        if dtype is None:
+            weight = getattr(base, "weight", None)
+            if isinstance(base, nn.Linear) and weight.is_floating_point():
+                dtype = weight.dtype
+            else:
+                dtype = getattr(base, "compute_dtype", None) or torch.float32
+        return {"device": device, "dtype": dtype}
+
+    # --- the questions every adapter answers -------------------------------------------------
+    def get_delta_weight(self) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define get_delta_weight()")
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters: everything outside `base_layer`."""
+        return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
+
+    def _check_mergeable(self) -> None:
+        if is_quantized(self.base_layer) or not isinstance(self.base_layer, nn.Linear):
+            raise RuntimeError(QUANTIZED_MERGE_ERROR.format(kind=type(self.base_layer).__name__))
+
+    def merged_weight(self) -> Tensor:
+        """The weight an equivalent plain Linear would hold: W0 + delta W, in W0's dtype."""
+        W = base_weight(self.base_layer)
+        return W + self.get_delta_weight().to(W.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write the update into the base weight; forward then runs the base alone."""
+        if self.merged:
+            return
+        self._check_mergeable()
+        weight = self.base_layer.weight
+        new_weight = self.merged_weight()
+        self._original_weight = weight.detach().clone()
+        weight.copy_(new_weight)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight saved by `merge()` (bit-exact)."""
+        if not self.merged:
+            return
+        self.base_layer.weight.copy_(self._original_weight)
+        self._original_weight = None
+        self.merged = False
+
+    def _add_to_base(self, base_out: Tensor, delta: Tensor) -> Tensor:
+        """base_out + delta in base_out's dtype."""
+        return base_out + delta.to(base_out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"
+
+
+class LowRankAdapter(AdapterLayer):
+    """An adapter with factors `lora_A` (r, in), `lora_B` (out, r) and `scaling = alpha / r`.
+
+    Holds the shared rank bookkeeping and `resize`; subclasses define how the
+    factors enter the layer (LoRA adds s B A, HiRA s W0 * (B A), DoRA normalises).
+    """
+
+    def __init__(self, base_layer: nn.Module, *, rank: int = 8, alpha: float = 16,
+                 dropout: float = 0.0, use_rslora: bool = False, dtype: torch.dtype | None = None):
+        super().__init__(base_layer, dtype=dtype)
+        name = type(self).__name__
+        check_rank(rank, name)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
+        self.alpha = alpha
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(alpha, rank, use_rslora)
+        self.dropout_p = float(dropout)
+        # Dropout before A, as in PEFT; an Identity (never called) when p == 0.
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **self._factory))   # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **self._factory))  # (out, r)
+        with torch.no_grad():
+            kaiming_rows_(self.lora_A)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def r(self) -> int:  # PEFT's name
+        return self.rank
+
+    @torch.no_grad()
+    def resize(self, new_rank: int) -> None:
+        """Change the rank keeping `scaling * B @ A` (hence the output) unchanged.
+
+        Growing: old entries stay at [:r_old], new A rows kaiming, new B columns 0.
+        Shrinking: top singular directions of the current update (see
+        `resized_low_rank`). The same nn.Parameter objects are kept (their `.data`
+        is swapped and `.grad` cleared); optimizer state must be carried by the caller.
+        """
+        check_rank(new_rank, f"{type(self).__name__}.resize")
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__}.resize: unmerge() before changing the rank")
+        A, B = resized_low_rank(self.lora_A.data, self.lora_B.data, new_rank)
+        new_scaling = lora_scaling(self.alpha, new_rank, self.use_rslora)
+        if new_scaling != self.scaling:
+            B = (B.float() * (self.scaling / new_scaling)).to(B.dtype)
+        _set_data(self.lora_A, A)
+        _set_data(self.lora_B, B)
+        self.scaling = new_scaling
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout_p}, "
+                f"merged={self.merged}")

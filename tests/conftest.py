@@ -1,0 +1,33 @@
+"""Shared fixtures: seeded runs, and the offline data folder (skipped when absent)."""
+import os
+
+import pytest
+import torch
+
+from trainers.paths import data_dir
+
+# Two cores here: keep torch from oversubscribing them when pytest-xdist is not in play.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The folder of real data sets (shared/data), or skip with the reason."""
+    root = data_dir()
+    if root is None:
+        pytest.skip("needs the offline data folder shared/data beside the checkout "
+                    "(or NANOPEFT_DATA pointing at one); see shared/data/PROVENANCE.md")
+    return root
+
+
+@pytest.fixture(scope="session")
+def stories260k(shared_data):
+    folder = shared_data / "stories260K"
+    if not (folder / "stories260K.bin").exists():
+        pytest.skip(f"needs {folder}/stories260K.bin (llama2.c stories260K checkpoint)")
+    return folder
