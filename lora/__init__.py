@@ -1,2 +1,11 @@
 """Adapter layers (LoRA, Sparse LoRA, HiRA, DoRA) and model surgery; depends on torch only."""
-from lora.base import AdapterLayer, LowRankAdapter, base_weight, is_linear_like, lora_scaling, resized_low_rank
+from lora.base import (AdapterLayer, LowRankAdapter, base_weight, is_linear_like, is_quantized, lora_scaling,
+                       resized_low_rank)
+from lora.dora import DoRALinear
+from lora.hira import HiRALinear
+from lora.layers import LoRALinear
+from lora.sparse import SparseLoRALinear, cubic_sparsity
+from lora.model import (LoraConfig, adapter_layers, add_lora_to_model, count_parameters, lora_state_dict,
+                        mark_only_lora_as_trainable, merge_adapters, merge_lora_weights, unmerge_lora_weights)
+from lora.adapter_io import load_adapter, save_adapter
+from lora.svd import SVDLoRALinear

@@ -13,12 +13,12 @@ weight's). The delta is computed in that dtype and the sum is returned in the
 dtype of the base layer's output, so a bf16 base with an fp32 adapter gives bf16.
 
 Scaling across `resize`: `scaling` is always `alpha / r` (or `alpha / sqrt(r)`
-with rsLoRA), as in PEFT, so a saved adapter keeps meaning the same thing with a
-per-layer rank. When the rank changes, `B` is multiplied by
-`old_scaling / new_scaling`, so the product `scaling * B @ A` (and the layer's
-output) is unchanged. Growing keeps the old rows of A bit-for-bit at `[:r_old]`
-and the old columns of B at `[:, :r_old]` (times that factor; the factor is 1
-with a fixed `scaling`, e.g. in subclasses that keep it constant).
+with rsLoRA) for the current r, as in PEFT, and `alpha` never changes, so a saved
+adapter means the same thing with per-layer ranks in `rank_pattern`. When the rank
+changes, B is multiplied by `old_scaling / new_scaling`, so the product
+`scaling * B @ A` (and the layer's output) is unchanged. Growing keeps the rows of
+A bit-for-bit at `[:r_old]` and the columns of B at `[:, :r_old]` (times that
+factor); carried-over Adam moments for B are then off by the same constant factor.
 """
 from __future__ import annotations
 
@@ -156,9 +156,15 @@ class AdapterLayer(nn.Module):
         if is_quantized(self.base_layer) or not isinstance(self.base_layer, nn.Linear):
             raise RuntimeError(QUANTIZED_MERGE_ERROR.format(kind=type(self.base_layer).__name__))
 
+    def frozen_weight(self) -> Tensor:
+        """W0 (out, in): the base weight as it was before any merge (dequantized for packed bases)."""
+        if self.merged and self._original_weight is not None:
+            return self._original_weight
+        return base_weight(self.base_layer)
+
     def merged_weight(self) -> Tensor:
         """The weight an equivalent plain Linear would hold: W0 + delta W, in W0's dtype."""
-        W = base_weight(self.base_layer)
+        W = self.frozen_weight()
         return W + self.get_delta_weight().to(W.dtype)
 
     @torch.no_grad()
@@ -181,10 +187,6 @@ class AdapterLayer(nn.Module):
         self.base_layer.weight.copy_(self._original_weight)
         self._original_weight = None
         self.merged = False
-
-    def _add_to_base(self, base_out: Tensor, delta: Tensor) -> Tensor:
-        """base_out + delta in base_out's dtype."""
-        return base_out + delta.to(base_out.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"
@@ -236,6 +238,16 @@ class LowRankAdapter(AdapterLayer):
         if self.merged:
             raise RuntimeError(f"{type(self).__name__}.resize: unmerge() before changing the rank")
         A, B = resized_low_rank(self.lora_A.data, self.lora_B.data, new_rank)
+        self._set_factors(A, B)
+
+    @torch.no_grad()
+    def _set_factors(self, A: Tensor, B: Tensor) -> None:
+        """Install new factors A (k, in), B (out, k) whose product B @ A is meant at the OLD scaling.
+
+        Updates `scaling` to alpha / k and multiplies B by old/new scaling, so
+        scaling * B @ A is what it was meant to be. Keeps the Parameter objects.
+        """
+        new_rank = A.shape[0]
         new_scaling = lora_scaling(self.alpha, new_rank, self.use_rslora)
         if new_scaling != self.scaling:
             B = (B.float() * (self.scaling / new_scaling)).to(B.dtype)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from lora.base import LowRankAdapter, check_rank, lora_scaling
+from lora.base import LowRankAdapter, check_rank
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
 
@@ -26,6 +28,12 @@ class LoRALinear(LowRankAdapter):
 
     Built around a base layer, `LoRALinear(nn.Linear(768, 768), rank=8)`, or from
     scratch, `LoRALinear(768, 768, rank=8, alpha=16, pretrained_weight=W, bias=b)`.
+
+    Speed: the textbook forward, base(x) + s (x A^T) B^T, costs the base matmul plus
+    a full-size add (and a second input gradient to sum in backward). For a plain
+    frozen nn.Linear, no dropout and many rows, forward instead runs
+    F.linear(x, W0 + s B A, b) (see `_FusedLoRA`): the same function with one big
+    matmul each way, so training costs barely more than the frozen layer alone.
     """
 
     def __init__(self, base_layer: nn.Module | int, out_features: int | None = None, *,
@@ -37,17 +45,18 @@ class LoRALinear(LowRankAdapter):
         elif out_features is not None or pretrained_weight is not None or bias is not None:
             raise TypeError("LoRALinear: give either a base layer, or in_features, out_features "
                             "(with optional pretrained_weight=, bias=), not both")
+        name = type(self).__name__
         if init not in LORA_INITS:
-            raise ValueError(f"LoRALinear: init must be one of {LORA_INITS}, got {init!r}")
-        check_rank(rank, "LoRALinear")
+            raise ValueError(f"{name}: init must be one of {LORA_INITS}, got {init!r}")
+        check_rank(rank, name)
         if init == "pissa" and not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRALinear: init='pissa' rewrites the base weight, so it needs an nn.Linear "
+            raise TypeError(f"{name}: init='pissa' rewrites the base weight, so it needs an nn.Linear "
                             f"base, got {type(base_layer).__name__}")
         super().__init__(base_layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                          dtype=dtype)
         self.init = init
-        # Plain nn.Linear base: its backward never reads its output, so the delta may be added in place.
-        self._inplace_ok = type(self.base_layer) is nn.Linear
+        # A plain nn.Linear base (not a subclass with its own forward) allows the fused path.
+        self._plain_linear = type(self.base_layer) is nn.Linear
         if init == "gaussian":
             with torch.no_grad():
                 nn.init.normal_(self.lora_A, std=1.0 / rank)
@@ -66,25 +75,89 @@ class LoRALinear(LowRankAdapter):
         self.lora_A.copy_(root[:, None] * Vh[:r])                           # (r, in)
         W.copy_(W.float() - self.get_delta_weight().float())
 
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        """The (A, B) the layer computes with (SparseLoRALinear returns them masked)."""
+        return self.lora_A, self.lora_B
+
     def get_delta_weight(self) -> Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling                  # (out, in)
+        A, B = self._factors()
+        return (B @ A) * self.scaling                                       # (out, in)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)                                            # (..., out)
         if self.merged:
-            return out
-        A, B = self.lora_A, self.lora_B
+            return self.base_layer(x)
+        if self._can_fuse(x):
+            base = self.base_layer
+            A, B = self._factors()
+            if not torch.is_grad_enabled():   # inference: nothing to save for backward
+                return F.linear(x, torch.addmm(base.weight, B, A, alpha=self.scaling), base.bias)
+            return _FusedLoRA.apply(x, base.weight, base.bias, A, B, self.scaling)
+        out = self.base_layer(x)                                            # (..., out)
+        A, B = self._factors()
         if self.dropout_p > 0.0:
             x = self.lora_dropout(x)
         if x.dtype != A.dtype:
             x = x.to(A.dtype)
         # Two thin matmuls, with s folded into the small (N, r) intermediate: never (out, in).
         delta = (x @ A.t()).mul_(self.scaling) @ B.t()                      # (..., r) -> (..., out)
-        if delta.dtype != out.dtype:
-            delta = delta.to(out.dtype)
-        if self._inplace_ok and not torch.is_grad_enabled() or self._inplace_ok and out.shape == delta.shape:
-            return out.add_(delta)
-        return out + delta
+        return out + delta.to(out.dtype)
+
+    def _can_fuse(self, x: Tensor) -> bool:
+        """Use the one-matmul path: plain frozen Linear base, no dropout, one dtype, no autocast,
+        and at least `in_features` rows (fewer rows: the thin two-matmul path is cheaper)."""
+        base = self.base_layer
+        return (self._plain_linear and self.dropout_p == 0.0
+                and x.dtype == base.weight.dtype == self.lora_A.dtype
+                and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+                and x.numel() >= self.in_features * self.in_features
+                and not _autocast_on(x.device.type))
+
+
+class _FusedLoRA(torch.autograd.Function):
+    """y = x (W + s B A)^T + b, the same function as W x + b + s B (A x), computed with one big matmul.
+
+    Forward and the input gradient each cost one (N, in) x (in, out) matmul, as
+    for the frozen base alone, instead of the base matmul plus a full-size add
+    (forward) and a second gradient to sum (backward). W + s B A is rebuilt in
+    backward rather than saved, so activation memory is as for the thin path.
+    (This path calls F.linear with the base's tensors, so hooks on base_layer do not fire.)
+    Gradients: dA = s (g B)^T x, dB = s g^T (x A^T), dx = g (W + s B A); W, b frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, b, A, B, s):
+        x2 = x.reshape(-1, x.shape[-1])                                     # (N, in)
+        # Thin products are laid out (r, N): BLAS runs these shapes several times faster here.
+        # Each is computed next to the big matmul that reads the same operand, while it is in cache.
+        xa_t = A.mm(x2.t())                                                 # (r, N) = (x A^T)^T
+        y = F.linear(x, torch.addmm(W, B, A, alpha=s), b)                   # (..., out), W + s B A
+        ctx.save_for_backward(x2, W if ctx.needs_input_grad[0] else None, A, B, xa_t)
+        ctx.s, ctx.x_shape = s, x.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x2, W, A, B, xa_t = ctx.saved_tensors
+        s = ctx.s
+        g2 = g.reshape(-1, g.shape[-1])                                     # (N, out)
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[4]:
+            grad_B = xa_t.mm(g2).mul_(s).t().contiguous()                   # (out, r)
+        if ctx.needs_input_grad[3]:
+            gb_t = B.t().mm(g2.t())                                         # (r, N) = (g B)^T
+        if ctx.needs_input_grad[0]:
+            grad_x = g2.mm(torch.addmm(W, B, A, alpha=s)).view(ctx.x_shape)  # (..., in)
+        if ctx.needs_input_grad[3]:
+            grad_A = gb_t.mm(x2).mul_(s)                                    # (r, in)
+        return grad_x, None, None, grad_A, grad_B, None
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def _linear_from_weights(in_features: int, out_features: int | None, weight: Tensor | None,

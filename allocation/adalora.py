@@ -1,0 +1,217 @@
+"""AdaLoRA: prune singular-value triplets by importance under a cubic budget schedule.
+
+Zhang et al. 2023, "AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient
+Fine-Tuning" (ICLR, arXiv:2303.10512). Each adapted layer k holds its update as
+P_k Λ_k Q_k (lora.svd.SVDLoRALinear); triplet i of layer k is (P_k[:, i], λ_k,i, Q_k[i]).
+
+Importance of one trainable entry w, every step (paper eqs. 8-10):
+
+    I_t   = |w * dL/dw|                                 sensitivity
+    Ī_t   = β1 Ī_{t-1} + (1 - β1) I_t                   smoothed sensitivity
+    Ū_t   = β2 Ū_{t-1} + (1 - β2) |I_t - Ī_t|           uncertainty
+    s_t   = Ī_t * Ū_t
+
+Score of a triplet (eq. 11): S_k,i = s(λ_k,i) + mean_j s(P_k,ji) + mean_j s(Q_k,ij).
+
+Total budget b(t) = number of active triplets over all layers (eq. 12), cubic:
+
+    b(t) = b0                                                    t < t_i          (warm-up)
+    b(t) = bT + floor((b0 - bT) (1 - (t - t_i) / (T - t_i - t_f))^3)   t_i <= t < T - t_f
+    b(t) = bT                                                    t >= T - t_f     (final)
+
+with b0 = the sum of the initial ranks and bT = target_r * (number of layers).
+Every ΔT steps in the middle phase (and once on entering the final phase) the
+b(t) triplets with the highest scores over all layers stay active; the others get
+Λ = 0 and mask 0. In the final phase the mask is frozen. The budget only
+decreases, so a pruned triplet (mask 0: no gradient, its score decays) stays pruned.
+
+The loss gets γ sum_k (||P_k^T P_k - I||_F^2 + ||Q_k Q_k^T - I||_F^2), which keeps
+P, Q near orthogonal so that λ really is the size of a direction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from allocation.allocator import check_stepped
+from lora.svd import SVDLoRALinear
+
+
+@dataclass
+class AdaLoRAConfig:
+    init_r: int = 12                 # rank each layer is built with (LoraConfig r for method="adalora")
+    target_r: int = 8                # average rank at the end: bT = target_r * number of layers
+    tinit: int = 0                   # t_i: warm-up steps without pruning
+    tfinal: int = 0                  # t_f: last steps with the mask frozen at bT
+    deltaT: int = 1                  # ΔT: steps between maskings in the middle phase
+    beta1: float = 0.85              # EMA of the sensitivity
+    beta2: float = 0.85              # EMA of the uncertainty
+    orth_reg_weight: float = 0.1     # γ (the paper's 0.1)
+
+
+def budget_schedule(step: int, total_steps: int, b0: int, bT: int, tinit: int, tfinal: int) -> int:
+    """b(t) of the cubic schedule (module docstring); an int between bT and b0."""
+    if step < tinit:
+        return b0
+    span = total_steps - tinit - tfinal
+    if step >= total_steps - tfinal or span <= 0:
+        return bT
+    frac = 1.0 - (step - tinit) / span
+    return bT + math.floor((b0 - bT) * frac ** 3)
+
+
+def svd_layers(model: nn.Module) -> list[tuple[str, SVDLoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SVDLoRALinear)]
+
+
+def orthogonal_regularizer(model: nn.Module):
+    """sum over SVD layers of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 (0.0 when there are none)."""
+    terms = [layer.orthogonality() for _, layer in svd_layers(model)]
+    return torch.stack(terms).sum() if terms else 0.0
+
+
+class AdaLoRAAllocator:
+    """The allocator protocol (allocation.allocator) for AdaLoRA."""
+
+    name = "AdaLoRA"
+    PARAMS = ("lora_A", "lora_E", "lora_B")
+
+    def __init__(self, model: nn.Module, config: AdaLoRAConfig | None = None, total_steps: int = 0):
+        self.config = c = config or AdaLoRAConfig()
+        self.layers = svd_layers(model)
+        if not self.layers:
+            raise ValueError("AdaLoRAAllocator: the model has no SVDLoRALinear layers "
+                             "(add_lora_to_model(model, method='adalora') first)")
+        for what, beta in (("beta1", c.beta1), ("beta2", c.beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"AdaLoRAAllocator: {what} must be in [0, 1), got {beta}")
+        if c.deltaT < 1:
+            raise ValueError(f"AdaLoRAAllocator: deltaT must be >= 1, got {c.deltaT}")
+        self.total_steps = int(total_steps)
+        self.b0 = sum(layer.rank for _, layer in self.layers)
+        self.bT = c.target_r * len(self.layers)
+        if not 0 < self.bT <= self.b0:
+            raise ValueError(f"AdaLoRAAllocator: target total rank {self.bT} (target_r={c.target_r} x "
+                             f"{len(self.layers)} layers) must be in (0, {self.b0}], the initial total rank")
+        if self.total_steps and c.tinit + c.tfinal >= self.total_steps:
+            raise ValueError(f"AdaLoRAAllocator: tinit + tfinal = {c.tinit + c.tfinal} leaves no pruning "
+                             f"phase in total_steps = {self.total_steps}")
+        self.ipt: dict[str, torch.Tensor] = {}     # "layer.param" -> smoothed sensitivity Ī
+        self.unc: dict[str, torch.Tensor] = {}     # "layer.param" -> uncertainty Ū
+        self.n_steps = 0
+        self.frozen = False
+        self.rank_history = [{"step": 0, "ranks": self.ranks()}]
+
+    def ranks(self) -> dict[str, int]:
+        return {name: layer.active_rank for name, layer in self.layers}
+
+    # --- importance -------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        b1, b2 = self.config.beta1, self.config.beta2
+        for name, layer in self.layers:
+            for pname in self.PARAMS:
+                p = getattr(layer, pname)
+                if p.grad is None:
+                    continue
+                key = f"{name}.{pname}"
+                cur = (p.detach() * p.grad.detach()).abs()                     # I_t
+                cur = cur.to(torch.promote_types(cur.dtype, torch.float32))    # bf16/fp16 -> fp32
+                if key not in self.ipt or self.ipt[key].shape != cur.shape:
+                    self.ipt[key] = torch.zeros_like(cur)
+                    self.unc[key] = torch.zeros_like(cur)
+                self.ipt[key].mul_(b1).add_(cur, alpha=1 - b1)                 # Ī_t
+                self.unc[key].mul_(b2).add_((cur - self.ipt[key]).abs(), alpha=1 - b2)   # Ū_t
+
+    def triplet_scores(self) -> dict[str, torch.Tensor]:
+        """name -> (r,) scores S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)."""
+        out = {}
+        for name, layer in self.layers:
+            r = layer.rank
+            dev = layer.lora_E.device
+
+            def s(pname):
+                key = f"{name}.{pname}"
+                return self.ipt[key] * self.unc[key] if key in self.ipt else None
+            sA, sE, sB = s("lora_A"), s("lora_E"), s("lora_B")
+            score = torch.zeros(r, device=dev, dtype=torch.float64)
+            if sE is not None:
+                score += sE.reshape(r)
+            if sB is not None:
+                score += sB.mean(dim=0)                                        # P columns (out, r) -> (r,)
+            if sA is not None:
+                score += sA.mean(dim=1)                                        # Q rows (r, in) -> (r,)
+            out[name] = score
+        return out
+
+    # --- masking ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def mask_to_budget(self, budget: int) -> None:
+        """Keep the `budget` best active triplets over all layers (ties: earlier layer, lower index)."""
+        scores = self.triplet_scores()
+        flat = torch.cat([scores[n].float().cpu() for n, _ in self.layers])
+        active = torch.cat([layer.rank_mask.bool().cpu() for _, layer in self.layers])
+        flat[~active] = -math.inf                                              # pruned stays pruned
+        order = torch.argsort(-flat, stable=True)
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[order[:budget]] = True
+        start = 0
+        for _, layer in self.layers:
+            layer.set_mask(keep[start:start + layer.rank])
+            start += layer.rank
+
+    @torch.no_grad()
+    def _reapply_masks(self) -> None:
+        for _, layer in self.layers:
+            layer.set_mask(layer.rank_mask.bool())
+
+    def budget_at(self, step: int) -> int:
+        c = self.config
+        return budget_schedule(step, self.total_steps, self.b0, self.bT, c.tinit, c.tfinal)
+
+    # --- the protocol -------------------------------------------------------------------------
+    def on_step(self, step: int, model: nn.Module, optimizer) -> None:
+        """After backward: update Ī, Ū from the weights and their gradients."""
+        self.update_importance()
+        self.n_steps += 1
+
+    def after_step(self, step: int, model: nn.Module, optimizer) -> None:
+        """After optimizer.step(): mask every ΔT steps of the middle phase; keep pruned Λ at zero."""
+        c = self.config
+        if self.total_steps <= 0:
+            raise ValueError("AdaLoRAAllocator: total_steps must be set (the budget schedule needs T)")
+        masked = False
+        if not self.frozen and step >= c.tinit:
+            if step >= self.total_steps - c.tfinal:
+                self.mask_to_budget(self.bT)                                   # once, then frozen
+                self.frozen = True
+                masked = True
+            elif (step - c.tinit) % c.deltaT == 0:
+                self.mask_to_budget(self.budget_at(step))
+                masked = True
+        if not masked:
+            self._reapply_masks()
+        if masked:
+            self.rank_history.append({"step": int(step), "ranks": self.ranks()})
+
+    def regularization(self, model: nn.Module):
+        return self.config.orth_reg_weight * orthogonal_regularizer(model)
+
+    def finish(self, total_steps: int) -> None:
+        check_stepped(self.name, self.n_steps, total_steps)
+
+    def state_dict(self) -> dict:
+        return {"n_steps": self.n_steps, "frozen": self.frozen, "total_steps": self.total_steps,
+                "ipt": {k: v.clone() for k, v in self.ipt.items()},
+                "unc": {k: v.clone() for k, v in self.unc.items()},
+                "rank_history": list(self.rank_history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n_steps, self.frozen = state["n_steps"], state["frozen"]
+        self.total_steps = state["total_steps"]
+        self.ipt = {k: v.clone() for k, v in state["ipt"].items()}
+        self.unc = {k: v.clone() for k, v in state["unc"].items()}
+        self.rank_history = list(state["rank_history"])

@@ -1,0 +1,71 @@
+"""The allocator protocol the training loop calls, and the allocator that does nothing.
+
+One small class per method, all with the same methods, called by the loop in this order:
+
+    loss = loss + allocator.regularization(model)     # before backward (AdaLoRA's orthogonality)
+    loss.backward()
+    allocator.on_step(step, model, optimizer)          # gradients present, weights not yet moved
+    optimizer.step()
+    allocator.after_step(step, model, optimizer)       # may mask or resize, carrying optimizer state
+    ...
+    allocator.finish(total_steps)                      # raises if an adaptive allocator never ran
+
+`rank_history` is a list of {"step": int, "ranks": {layer name: rank}} for heatmaps.
+An adaptive method whose allocator was never stepped would silently train as
+plain LoRA; `finish` turns that into an error.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from lora.base import AdapterLayer
+
+
+def adapter_layers_of(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """(name, layer) of every adapter layer in the model, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def current_ranks(layers) -> dict[str, int]:
+    return {name: int(layer.rank) for name, layer in layers}
+
+
+class NeverSteppedError(RuntimeError):
+    pass
+
+
+class NullAllocator:
+    """Static ranks: every hook is a no-op (plain LoRA, DoRA, HiRA, ...)."""
+
+    name = "none"
+
+    def __init__(self, model: nn.Module | None = None):
+        self.rank_history: list[dict] = []
+        if model is not None:
+            self.rank_history.append({"step": 0, "ranks": current_ranks(adapter_layers_of(model))})
+
+    def on_step(self, step: int, model: nn.Module, optimizer) -> None:
+        pass
+
+    def after_step(self, step: int, model: nn.Module, optimizer) -> None:
+        pass
+
+    def regularization(self, model: nn.Module):
+        return 0.0
+
+    def finish(self, total_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"rank_history": list(self.rank_history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rank_history = list(state.get("rank_history", []))
+
+
+def check_stepped(name: str, n_steps: int, total_steps: int) -> None:
+    """The guard every adaptive allocator's finish() calls."""
+    if total_steps > 0 and n_steps == 0:
+        raise NeverSteppedError(f"allocator {name} was never stepped: training ran as plain LoRA "
+                                f"(call allocator.on_step(step, model, optimizer) after backward and "
+                                f"allocator.after_step(...) after optimizer.step())")

@@ -1,0 +1,343 @@
+"""Dynamic ranks during training (the "DRaFT-Q" recipe): a rank controller under a hard memory cap.
+
+Every `interval` steps the controller reads the per-layer curvature EMA
+(allocation.curvature), grows the `n_change` most curved layers by `rank_step`
+and shrinks the `n_change` least curved ones, within [r_min, r_max]. Each change
+goes through the layer's own `resize`, which keeps the output unchanged when
+growing (new B columns are zero) and keeps the best rank-k approximation of the
+update when shrinking (truncated SVD of B A, Eckart-Young).
+
+Memory cap. The adapter's training memory (weights + grads + AdamW's two
+moments, allocation.budget.training_bytes) is never above `memory_cap_bytes`.
+The plan is checked against the accounting first (grows are trimmed, least
+curved first, until it fits); then the change is applied for real, the bytes
+are measured from the live parameters, and if they are over the cap everything
+is rolled back to the snapshot of the last allocation within the cap (factors,
+buffers, scaling and optimizer state, bit for bit). Ranks stay <= min(in, out).
+
+Optimizer state is carried over, never reset. With the product s B A the
+gradients are g_A = s B^T G and g_B = s G A^T, where G = dL/d(ΔW) (out, in),
+whichever way the layer uses B A (LoRA, HiRA, DoRA). Let r = s'/s be the
+change of scaling (PEFT's s = alpha / rank changes with the rank; the layer
+rescales B to keep s B A fixed).
+
+  grow   A'[:r_old] = A, B'[:, :r_old] = B / r. So g_A'[:r_old] = g_A and
+         g_B'[:, :r_old] = r g_B: A's moments are copied, B's first moment is
+         multiplied by r and its second by r^2; the new slots start at zero.
+  shrink A' and B' are new factors (the balanced truncated SVD), not slices, but
+         they live in the old spans: B' = B P with P = B^+ B' (r_old, k) and
+         A' = T A with T = A' A^+ (k, r_old). Then, at the same G (exact when the
+         shrink keeps the function), g_A' = r P^T g_A and g_B' = r g_B T^T. Adam's
+         first moment is an average of gradients, so it is mapped the same way;
+         the second moment (an average of squares) is mapped with the squared
+         entries of the same matrices, which is exact when only components are
+         dropped (P, T are then selections, up to sign) and the diagonal
+         approximation otherwise. When the factors already are in balanced SVD
+         form this keeps exactly the surviving slices.
+
+After a resize the controller re-registers lora_A / lora_B as fresh Parameter
+objects (same tensors) and swaps them into the optimizer's param groups and
+state: PyTorch caches a leaf's shape in its gradient accumulator while any old
+graph lives, so a shape change through `.data` alone breaks the next backward.
+Code that keeps its own list of parameters must re-read it after a resize.
+
+The `step` entries are kept as they were (A and B of a layer share one count):
+Adam's bias correction stays that of a long run, so the zero moments of new
+slots are not inflated. Other state entries of the parameter's shape follow the
+first-moment rule (`momentum_buffer`) or the second-moment rule (names with "sq").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from allocation.allocator import adapter_layers_of, check_stepped, current_ranks
+from allocation.budget import adapter_params, training_bytes
+from allocation.curvature import CurvatureTracker
+
+
+@dataclass
+class ControllerConfig:
+    interval: int = 50                     # K: steps between rank decisions
+    warmup: int = 0                        # no decisions before this step
+    r_min: int = 2
+    r_max: int = 32
+    rank_step: int = 2                     # ranks added / removed per change
+    n_change: int = 1                      # layers grown and layers shrunk per decision
+    memory_cap_bytes: int | None = None    # hard cap on adapter training bytes (None: no cap)
+    beta: float = 0.9                      # curvature EMA factor
+    signal: str = "grad_sq"                # "grad_sq" or "secant" (allocation.curvature)
+
+
+def layer_method(layer: nn.Module) -> str:
+    """The accounting row of budget.py a layer belongs to, from its parameter names."""
+    if hasattr(layer, "lora_E"):
+        return "adalora"
+    return "dora" if hasattr(layer, "lora_magnitude") else "lora"
+
+
+def _moment_kind(key: str) -> str:
+    return "second" if "sq" in key else "first"
+
+
+@torch.no_grad()
+def _map_state(state: dict, shape: torch.Size, fn_first, fn_second) -> dict:
+    out = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape == shape:
+            value = (fn_second if _moment_kind(key) == "second" else fn_first)(value)
+        out[key] = value
+    return out
+
+
+def _move_param(optimizer, old: nn.Parameter, new: nn.Parameter) -> None:
+    """Put Parameter `new` where `old` was in the optimizer (param groups and state)."""
+    if old is new or optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    if old in optimizer.state:
+        optimizer.state[new] = optimizer.state.pop(old)
+
+
+RANKED = ("lora_A", "lora_B")
+
+
+def _renew_parameters(layer: nn.Module, optimizer) -> None:
+    """Re-register lora_A / lora_B as fresh Parameter objects holding the same tensors.
+
+    Why: PyTorch caches a leaf's shape in its gradient accumulator, which lives as
+    long as any graph that used the leaf (e.g. last step's `loss`); a backward
+    through a Parameter whose `.data` changed shape then fails ("invalid gradient
+    ... expected shape compatible with [r_old, in]"). A new leaf has no stale cache.
+    """
+    for name in RANKED:
+        old = getattr(layer, name)
+        new = nn.Parameter(old.data, requires_grad=old.requires_grad)
+        setattr(layer, name, new)
+        _move_param(optimizer, old, new)
+
+
+@torch.no_grad()
+def resize_with_state(layer: nn.Module, new_rank: int, optimizer=None) -> None:
+    """layer.resize(new_rank) and carry the AdamW state of lora_A / lora_B (see the module docstring)."""
+    if hasattr(layer, "lora_E"):
+        raise TypeError(f"resize_with_state: {type(layer).__name__} is in SVD form; its ranks are set by "
+                        f"masking (AdaLoRAAllocator), not by the rank controller")
+    old_rank, s_old = layer.rank, float(layer.scaling)
+    if new_rank == old_rank:
+        return
+    pA, pB = layer.lora_A, layer.lora_B
+    A0, B0 = pA.detach().float().clone(), pB.detach().float().clone()           # (r, in), (out, r)
+    layer.resize(new_rank)
+    _move_param(optimizer, pA, layer.lora_A)    # in case the layer made new Parameters itself
+    _move_param(optimizer, pB, layer.lora_B)
+    _renew_parameters(layer, optimizer)
+    pA, pB = layer.lora_A, layer.lora_B
+    if optimizer is None:
+        return
+    ratio = float(layer.scaling) / s_old
+    stA, stB = optimizer.state.get(pA), optimizer.state.get(pB)
+    k = new_rank
+    if new_rank > old_rank:
+        def grow_rows(m, c):                                                    # (r, in) -> (k, in)
+            return torch.cat([m * c, m.new_zeros(k - old_rank, m.shape[1])], dim=0)
+
+        def grow_cols(m, c):                                                    # (out, r) -> (out, k)
+            return torch.cat([m * c, m.new_zeros(m.shape[0], k - old_rank)], dim=1)
+        if stA:
+            optimizer.state[pA] = _map_state(stA, A0.shape, lambda m: grow_rows(m, 1.0),
+                                             lambda v: grow_rows(v, 1.0))
+        if stB:
+            optimizer.state[pB] = _map_state(stB, B0.shape, lambda m: grow_cols(m, ratio),
+                                             lambda v: grow_cols(v, ratio ** 2))
+        return
+    P = torch.linalg.pinv(B0, rtol=1e-5) @ pB.detach().float()                  # (r, k): B' = B P
+    T = pA.detach().float() @ torch.linalg.pinv(A0, rtol=1e-5)                  # (k, r): A' = T A
+    Pt, Tt = P.t(), T.t()
+    if stA:
+        optimizer.state[pA] = _map_state(
+            stA, A0.shape, lambda m: (ratio * (Pt @ m.float())).to(m.dtype),    # (k, in)
+            lambda v: (ratio ** 2 * (Pt.square() @ v.float())).to(v.dtype))
+    if stB:
+        optimizer.state[pB] = _map_state(
+            stB, B0.shape, lambda m: (ratio * (m.float() @ Tt)).to(m.dtype),    # (out, k)
+            lambda v: (ratio ** 2 * (v.float() @ Tt.square())).to(v.dtype))
+
+
+class RankController:
+    """Grows/shrinks adapter ranks by score under a hard cap on adapter training bytes."""
+
+    def __init__(self, model: nn.Module, config: ControllerConfig | None = None):
+        self.config = config = config or ControllerConfig()
+        if config.r_min < 1 or config.r_min > config.r_max:
+            raise ValueError(f"RankController: need 1 <= r_min <= r_max, got {config.r_min}, {config.r_max}")
+        if config.interval < 1 or config.rank_step < 1 or config.n_change < 1:
+            raise ValueError("RankController: interval, rank_step and n_change must be >= 1")
+        self.layers = adapter_layers_of(model)
+        if not self.layers:
+            raise ValueError("RankController: the model has no adapter layers (add_lora_to_model first)")
+        for name, layer in self.layers:
+            if not (hasattr(layer, "lora_A") and hasattr(layer, "lora_B") and hasattr(layer, "resize")):
+                raise TypeError(f"RankController: {name} ({type(layer).__name__}) has no lora_A/lora_B/resize")
+            if hasattr(layer, "lora_E"):
+                raise TypeError(f"RankController: {name} is an AdaLoRA (SVD-form) layer; use AdaLoRAAllocator")
+        cap = config.memory_cap_bytes
+        if cap is not None and self.adapter_bytes() > cap:
+            raise ValueError(f"RankController: the starting adapters take {self.adapter_bytes()} bytes, "
+                             f"above memory_cap_bytes={cap}; start with smaller ranks")
+        self.rank_history = [{"step": 0, "ranks": self.ranks()}]
+        self.n_rollbacks = 0
+
+    def ranks(self) -> dict[str, int]:
+        return current_ranks(self.layers)
+
+    def planned_bytes(self, ranks: dict[str, int]) -> int:
+        """Training bytes of the adapters at `ranks`, from the accounting in budget.py."""
+        total = 0
+        for name, layer in self.layers:
+            n = adapter_params(layer.in_features, layer.out_features, ranks[name], layer_method(layer))
+            total += training_bytes(n, layer.lora_A.dtype)
+        return total
+
+    def adapter_bytes(self) -> int:
+        """Training bytes measured on the live parameters (weights + grads + two moments each)."""
+        return sum(training_bytes(p.numel(), p.dtype) for _, layer in self.layers
+                   for p in layer.adapter_parameters())
+
+    def _snapshot(self, layer: nn.Module, optimizer) -> dict:
+        tensors = {k: v.detach().clone() for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
+        opt = {}
+        if optimizer is not None:
+            for name in RANKED:
+                p = getattr(layer, name)
+                if p in optimizer.state:
+                    opt[name] = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+        return {"rank": layer.rank, "scaling": layer.scaling, "tensors": tensors, "opt": opt}
+
+    @torch.no_grad()
+    def _restore(self, layer: nn.Module, snap: dict, optimizer) -> None:
+        """Put back the exact tensors of the snapshot as fresh Parameters/buffers (no SVD on the way:
+        a resize back could not restore values, and cannot shrink to a rank above min(out, in))."""
+        for key, value in snap["tensors"].items():
+            owner_name, _, attr = key.rpartition(".")
+            owner = layer.get_submodule(owner_name) if owner_name else layer
+            old = getattr(owner, attr)
+            if isinstance(old, nn.Parameter):
+                new = nn.Parameter(value.clone(), requires_grad=old.requires_grad)
+                setattr(owner, attr, new)
+                _move_param(optimizer, old, new)
+            else:
+                setattr(owner, attr, value.clone())
+        layer.scaling = snap["scaling"]
+        if optimizer is not None:
+            for name in RANKED:
+                p = getattr(layer, name)
+                if name in snap["opt"]:
+                    optimizer.state[p] = snap["opt"][name]
+                else:
+                    optimizer.state.pop(p, None)
+
+    def apply_ranks(self, new_ranks: dict[str, int], optimizer=None) -> bool:
+        """Resize layers to `new_ranks` (shrinks first), carrying optimizer state.
+
+        Applies for real, measures, and rolls back everything if the cap is exceeded;
+        returns whether the new allocation was kept.
+        """
+        by_name = dict(self.layers)
+        unknown = set(new_ranks) - set(by_name)
+        if unknown:
+            raise ValueError(f"RankController.apply_ranks: unknown layers {sorted(unknown)}")
+        for n, r in new_ranks.items():
+            top = min(by_name[n].in_features, by_name[n].out_features)
+            if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= top:
+                raise ValueError(f"RankController.apply_ranks: rank of {n} must be an int in [1, min(in, out)"
+                                 f" = {top}], got {r!r}")
+        changes = [(n, r) for n, r in new_ranks.items() if r != by_name[n].rank]
+        changes.sort(key=lambda nr: nr[1] - by_name[nr[0]].rank)               # shrinks first
+        snaps = {n: self._snapshot(by_name[n], optimizer) for n, _ in changes}
+        for n, r in changes:
+            resize_with_state(by_name[n], r, optimizer)
+        cap = self.config.memory_cap_bytes
+        if cap is not None and self.adapter_bytes() > cap:
+            for n, _ in changes:
+                self._restore(by_name[n], snaps[n], optimizer)
+            self.n_rollbacks += 1
+            return False
+        return True
+
+    def plan(self, scores: dict[str, float]) -> dict[str, int]:
+        """Grow the most curved layers and shrink the least, trimming grows to fit the cap."""
+        c = self.config
+        ranks = self.ranks()
+        names = [n for n, _ in self.layers]
+        low = min(scores.values(), default=0.0)
+        order = sorted(range(len(names)), key=lambda i: (-scores.get(names[i], low), i))   # stable
+        top = {n: min(c.r_max, layer.in_features, layer.out_features) for n, layer in self.layers}
+        grow = [names[i] for i in order if ranks[names[i]] < top[names[i]]][:c.n_change]
+        shrink = [names[i] for i in reversed(order) if ranks[names[i]] > c.r_min and names[i] not in grow]
+        new = dict(ranks)
+        for n in shrink[:c.n_change]:
+            new[n] = max(c.r_min, ranks[n] - c.rank_step)
+        for n in grow:
+            new[n] = min(top[n], ranks[n] + c.rank_step)
+        if c.memory_cap_bytes is not None:
+            for n in reversed(grow):                    # least curved grow gives way first
+                while new[n] > ranks[n] and self.planned_bytes(new) > c.memory_cap_bytes:
+                    new[n] -= 1
+        return new
+
+    def step(self, step: int, scores: dict[str, float], optimizer=None) -> bool:
+        """One decision (call every `interval` steps); records the ranks in `rank_history`."""
+        kept = self.apply_ranks(self.plan(scores), optimizer)
+        self.rank_history.append({"step": int(step), "ranks": self.ranks()})
+        return kept
+
+
+class CurvatureRankAllocator:
+    """DRaFT-Q: curvature EMA from the adapter gradients + the rank controller (allocator protocol).
+
+    Start small: build the adapters at a low rank (r=4, LoraConfig(r=4)) under a cap set
+    at, e.g., the bytes of uniform r=8 (budget.training_bytes(budget.adapter_params(...))),
+    and let the controller move rank to where the curvature is. Works on any base the
+    adapters accept (nn.Linear, 8-bit, NF4): only lora_A / lora_B are touched.
+    """
+
+    name = "DRaFT-Q"
+
+    def __init__(self, model: nn.Module, config: ControllerConfig | None = None):
+        self.config = config or ControllerConfig()
+        self.controller = RankController(model, self.config)
+        self.tracker = CurvatureTracker(self.config.beta, self.config.signal)
+        self.n_steps = 0
+
+    @property
+    def rank_history(self) -> list[dict]:
+        return self.controller.rank_history
+
+    def on_step(self, step: int, model: nn.Module, optimizer) -> None:
+        self.tracker.update(self.controller.layers)
+        self.n_steps += 1
+
+    def after_step(self, step: int, model: nn.Module, optimizer) -> None:
+        c = self.config
+        if step > 0 and step >= c.warmup and step % c.interval == 0:
+            self.controller.step(step, self.tracker.scores(), optimizer)
+
+    def regularization(self, model: nn.Module):
+        return 0.0
+
+    def finish(self, total_steps: int) -> None:
+        check_stepped(self.name, self.n_steps, total_steps)
+
+    def state_dict(self) -> dict:
+        return {"n_steps": self.n_steps, "tracker": self.tracker.state_dict(),
+                "rank_history": list(self.rank_history), "n_rollbacks": self.controller.n_rollbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n_steps = state["n_steps"]
+        self.tracker.load_state_dict(state["tracker"])
+        self.controller.rank_history = list(state["rank_history"])
+        self.controller.n_rollbacks = state.get("n_rollbacks", 0)

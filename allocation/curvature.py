@@ -1,0 +1,116 @@
+"""A cheap per-layer curvature signal during training, smoothed by an EMA (the "DRaFT-Q" recipe).
+
+Training already has the adapter gradients after `loss.backward()`. From them,
+with no extra backward pass, each step gives a raw signal per layer:
+
+  signal="grad_sq"  s_t = ||g_t||^2 / n      mean squared gradient of the layer's adapter
+                                              parameters (the diagonal empirical Fisher,
+                                              a standard curvature proxy; Amari 1998)
+  signal="secant"   s_t = ||g_t - g_{t-1}|| / ||θ_t - θ_{t-1}||
+                                              a secant (finite-difference) estimate of how
+                                              fast the gradient turns: the size of the
+                                              Hessian along the step just taken
+
+Dividing by the parameter count n makes layers with different ranks comparable;
+otherwise a layer that grew would look more curved only because it is bigger.
+The secant needs the previous g and θ of the layer (adapter-sized copies), and
+skips a step when the layer's shape changed (after a resize) or θ did not move.
+
+The raw signal is noisy, so each layer keeps an exponential moving average
+
+    c_t = β c_{t-1} + (1 - β) s_t,     β in [0, 1),  c_1 = s_1.
+
+Why it converges: the update is an affine map c -> β c + (1-β) s, a contraction
+with factor β. Two runs fed the same signals from different starts differ by
+β^t |c_0 - c'_0|; with a constant signal s the error |c_t - s| = β^t |c_0 - s|
+decays geometrically; and each c_t is a convex combination of c_0, s_1..s_t, so
+signals in [a, b] keep the EMA in [a, b] (bounded in, bounded out). Cost per
+step: one norm per adapter parameter, O(#adapter parameters), no backward.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+SIGNALS = ("grad_sq", "secant")
+
+
+class EMA:
+    """c <- beta c + (1 - beta) s, started at the first value seen."""
+
+    def __init__(self, beta: float = 0.9):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"EMA: beta must be in [0, 1) for the update to be a contraction, got {beta}")
+        self.beta = float(beta)
+        self.value: float | None = None
+        self.count = 0
+
+    def update(self, s: float) -> float:
+        if not math.isfinite(s):
+            raise ValueError(f"EMA.update: signal must be finite, got {s}")
+        self.value = s if self.value is None else self.beta * self.value + (1.0 - self.beta) * s
+        self.count += 1
+        return self.value
+
+
+class CurvatureTracker:
+    """Per-layer EMA of a curvature signal computed from the adapter gradients already present."""
+
+    def __init__(self, beta: float = 0.9, signal: str = "grad_sq"):
+        if signal not in SIGNALS:
+            raise ValueError(f"CurvatureTracker: signal must be one of {SIGNALS}, got {signal!r}")
+        EMA(beta)  # validates beta
+        self.beta = beta
+        self.signal = signal
+        self.emas: dict[str, EMA] = {}
+        self._prev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (g, θ) flattened
+
+    @torch.no_grad()
+    def update(self, layers: Iterable[tuple[str, nn.Module]]) -> dict[str, float]:
+        """Read the gradients of each (name, adapter layer); return this step's raw signals."""
+        raw = {}
+        for name, layer in layers:
+            params = [p for p in layer.adapter_parameters() if p.grad is not None]
+            if not params:
+                continue
+            if self.signal == "grad_sq":
+                n = sum(p.numel() for p in params)
+                s = sum(float(p.grad.float().pow(2).sum()) for p in params) / n
+            else:
+                s = self._secant(name, params)
+                if s is None:
+                    continue
+            raw[name] = s
+            self.emas.setdefault(name, EMA(self.beta)).update(s)
+        return raw
+
+    def _secant(self, name: str, params: list[nn.Parameter]) -> float | None:
+        g = torch.cat([p.grad.detach().float().flatten() for p in params])
+        theta = torch.cat([p.detach().float().flatten() for p in params])
+        prev = self._prev.get(name)
+        self._prev[name] = (g, theta)
+        if prev is None or prev[0].shape != g.shape:        # first step, or resized since
+            return None
+        step = (theta - prev[1]).norm()
+        if step == 0:
+            return None
+        return float((g - prev[0]).norm() / step)
+
+    def scores(self) -> dict[str, float]:
+        return {name: ema.value for name, ema in self.emas.items()}
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "signal": self.signal,
+                "emas": {k: (e.value, e.count) for k, e in self.emas.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta, self.signal = state["beta"], state["signal"]
+        self.emas = {}
+        for k, (value, count) in state["emas"].items():
+            ema = EMA(self.beta)
+            ema.value, ema.count = value, count
+            self.emas[k] = ema
+        self._prev = {}

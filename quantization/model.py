@@ -1,0 +1,215 @@
+"""Model surgery for quantization: quantize_model, memory_report, requantize_merged.
+
+quantize_model swaps nn.Linear layers for Linear4bit / Linear8bit in place (recursive
+replace by dotted name + setattr on the parent).  Patterns match a module's full dotted
+name exactly, as a dotted suffix ("c_attn" matches "transformer.h.0.attn.c_attn"), or as
+a full-match regular expression — the same rules as PEFT's target_modules.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .layers import Linear4bit, Linear8bit, _FrozenQuantLinear
+
+QUANTIZED_TYPES = (Linear4bit, Linear8bit)
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Exact name, dotted suffix, or full-match regex."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _check_bits(bits, where: str) -> None:
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"{where}: bits must be 4 or 8, got {bits!r}")
+
+
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def _tied_weight_ids(model: nn.Module) -> set[int]:
+    """Ids of Parameters reachable under more than one module (e.g. lm_head tied to wte)."""
+    seen: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, c in seen.items() if c > 1}
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def plan_quantization(model: nn.Module, bits: int | dict[str, int] = 4,
+                      skip: list[str] | tuple[str, ...] = ()) -> dict[str, int]:
+    """Which nn.Linear gets which bit width: {dotted name: 4 or 8}. Validates everything."""
+    linears = _linear_layers(model)
+    names = [n for n, _ in linears]
+    if not linears:
+        raise ValueError(f"quantize_model: {type(model).__name__} has no nn.Linear layers to quantize")
+    if isinstance(bits, dict):
+        for pattern, b in bits.items():
+            _check_bits(b, f"quantize_model bits[{pattern!r}]")
+            if not any(name_matches(n, pattern) for n in names):
+                raise ValueError(f"quantize_model: pattern {pattern!r} matches no nn.Linear; "
+                                 f"candidates: {names}")
+    else:
+        _check_bits(bits, "quantize_model")
+    for pattern in skip:
+        if not any(name_matches(n, pattern) for n in names):
+            raise ValueError(f"quantize_model: skip pattern {pattern!r} matches no nn.Linear; candidates: {names}")
+    tied = _tied_weight_ids(model)
+    plan = {}
+    for name, linear in linears:
+        if any(name_matches(name, p) for p in skip):
+            continue
+        if isinstance(bits, dict):
+            # an exact name wins; otherwise the first matching pattern in dict order
+            chosen = bits.get(name) or next((b for p, b in bits.items() if name_matches(name, p)), None)
+            if chosen is None:
+                continue
+        else:
+            chosen = bits
+        if id(linear.weight) in tied:
+            warnings.warn(f"quantize_model: {name}.weight is shared with another module (tied); left in float")
+            continue
+        plan[name] = chosen
+    return plan
+
+
+def quantize_model(model: nn.Module, bits: int | dict[str, int] = 4, skip: list[str] | tuple[str, ...] = (),
+                   compute_dtype: torch.dtype | None = None, blocksize: int = 64,
+                   double_quant: bool = True) -> nn.Module:
+    """Replace matching nn.Linear layers by Linear4bit/Linear8bit, in place; returns the model.
+
+    bits: 4, 8, or {pattern: 4|8} for a mixed model (layers matching no pattern stay float).
+    skip: patterns never quantized.  Linear layers with tied weights are left in float.
+    blocksize applies to NF4 (Linear8bit uses row-wise scales).
+    """
+    apply_plan(model, plan_quantization(model, bits, skip), compute_dtype, blocksize, double_quant)
+    return model
+
+
+def apply_plan(model: nn.Module, plan: dict[str, int], compute_dtype: torch.dtype | None = None,
+               blocksize: int = 64, double_quant: bool = True) -> None:
+    """Swap each nn.Linear named in `plan` for its quantized version."""
+    for name, b in plan.items():
+        linear = model.get_submodule(name)
+        if b == 4:
+            new = Linear4bit.from_linear(linear, compute_dtype=compute_dtype, blocksize=blocksize,
+                                         double_quant=double_quant)
+        else:
+            new = Linear8bit.from_linear(linear, compute_dtype=compute_dtype)
+        _replace(model, name, new.to(linear.weight.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory accounting.
+
+
+@dataclass
+class LayerMemory:
+    name: str
+    kind: str           # "nf4", "int8", or "float32"/"bfloat16"/... for ordinary parameters
+    params: int         # true parameter count (what the layer stands for)
+    bytes: int          # bytes actually stored
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.bytes / max(self.params, 1)
+
+
+@dataclass
+class MemoryReport:
+    layers: list[LayerMemory] = field(default_factory=list)
+
+    @property
+    def total_params(self) -> int:
+        return sum(r.params for r in self.layers)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.bytes for r in self.layers)
+
+    def __str__(self) -> str:
+        width = max([len(r.name) for r in self.layers] + [5])
+        lines = [f"{'layer':<{width}}  {'kind':<8} {'params':>12} {'bytes':>12} {'bits/param':>10}"]
+        for r in self.layers:
+            lines.append(f"{r.name:<{width}}  {r.kind:<8} {r.params:>12,} {r.bytes:>12,} {r.bits_per_param:>10.3f}")
+        fp32 = 4 * self.total_params
+        lines.append(f"{'total':<{width}}  {'':<8} {self.total_params:>12,} {self.total_bytes:>12,} "
+                     f"{8 * self.total_bytes / max(self.total_params, 1):>10.3f}")
+        lines.append(f"(float32 would be {fp32:,} bytes: {fp32 / max(self.total_bytes, 1):.2f}x more)")
+        return "\n".join(lines)
+
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """One row per quantized layer (true parameter count, stored bytes) and per module that
+    owns ordinary parameters; shared parameters are counted once."""
+    report, seen = MemoryReport(), set()
+    for name, module in model.named_modules():
+        name = name or "(root)"
+        if isinstance(module, _FrozenQuantLinear):
+            kind = "nf4" if isinstance(module, Linear4bit) else "int8"
+            report.layers.append(LayerMemory(name, kind, module.true_param_count(), module.storage_bytes()))
+            seen.update(id(p) for p in module.parameters(recurse=False))
+            continue
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        if own:
+            seen.update(id(p) for p in own)
+            kind = str(own[0].dtype).replace("torch.", "")
+            report.layers.append(LayerMemory(name, kind, sum(p.numel() for p in own),
+                                             sum(p.numel() * p.element_size() for p in own)))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Merged adapters back into a quantized base.
+
+
+@dataclass
+class RequantError:
+    name: str
+    bits: int
+    max_abs: float      # max |W_merged - dequant(quant(W_merged))|
+    mean_abs: float     # mean of the same
+
+
+@dataclass
+class RequantReport:
+    layers: list[RequantError] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        width = max([len(r.name) for r in self.layers] + [5])
+        lines = [f"{'layer':<{width}}  bits  {'max |ΔW|':>10}  {'mean |ΔW|':>10}"]
+        lines += [f"{r.name:<{width}}  {r.bits:>4}  {r.max_abs:>10.3e}  {r.mean_abs:>10.3e}" for r in self.layers]
+        return "\n".join(lines)
+
+
+def requantize_merged(model: nn.Module, bits: int | dict[str, int] = 4, skip: list[str] | tuple[str, ...] = (),
+                      compute_dtype: torch.dtype | None = None, blocksize: int = 64,
+                      double_quant: bool = True) -> RequantReport:
+    """Quantize again a model whose adapters were merged into plain float nn.Linear layers
+    (lora.merge_lora_weights does that), in place, and report the error this introduces
+    per layer: the merged update is small, so re-quantizing can round part of it away."""
+    plan = plan_quantization(model, bits, skip)
+    reference = {name: model.get_submodule(name).weight.detach().float().clone() for name in plan}
+    apply_plan(model, plan, compute_dtype, blocksize, double_quant)
+    report = RequantReport()
+    for name, b in plan.items():
+        err = (model.get_submodule(name).dequantize(torch.float32) - reference[name]).abs()
+        report.layers.append(RequantError(name, b, float(err.max()), float(err.mean())))
+    return report

@@ -1,0 +1,137 @@
+"""resize(new_rank): output unchanged, same Parameter objects, old entries kept, shrink = best rank-k."""
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora import DoRALinear, HiRALinear, LoRALinear, SparseLoRALinear, lora_scaling, resized_low_rank
+
+KINDS = {"lora": LoRALinear, "sparse": SparseLoRALinear, "hira": HiRALinear, "dora": DoRALinear}
+kinds = st.sampled_from(sorted(KINDS))
+
+
+def trained(kind, d_in, d_out, rank, alpha=8.0, true_rank=None, rslora=False, seed=0):
+    """A layer whose update is nonzero; with true_rank, B A has exactly that rank."""
+    torch.manual_seed(seed)
+    layer = KINDS[kind](nn.Linear(d_in, d_out), rank=rank, alpha=alpha, use_rslora=rslora)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        if true_rank is not None:
+            layer.lora_B[:, true_rank:] = 0
+        if kind == "dora":
+            layer.lora_magnitude.mul_(1.5)
+    return layer
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(kind=kinds, d_in=st.integers(1, 20), d_out=st.integers(1, 20), rank=st.integers(1, 6),
+       grow=st.integers(1, 6), alpha=st.sampled_from([1.0, 8.0, 6.0]), rslora=st.booleans())
+def test_grow_keeps_output_old_entries_and_parameter_objects(kind, d_in, d_out, rank, grow, alpha, rslora):
+    layer = trained(kind, d_in, d_out, rank, alpha, rslora=rslora)
+    A_param, B_param = layer.lora_A, layer.lora_B
+    A_old, B_old, s_old = A_param.detach().clone(), B_param.detach().clone(), layer.scaling
+    x = torch.randn(9, d_in)
+    with torch.no_grad():
+        y = layer(x)
+        layer.resize(rank + grow)
+        y_new = layer(x)
+    assert layer.rank == rank + grow
+    assert layer.lora_A is A_param and layer.lora_B is B_param       # optimizers keep their references
+    assert layer.lora_A.shape == (rank + grow, d_in) and layer.lora_B.shape == (d_out, rank + grow)
+    assert layer.scaling == pytest.approx(lora_scaling(alpha, rank + grow, rslora))
+    assert torch.equal(layer.lora_A[:rank], A_old)                   # old rows bit-for-bit
+    torch.testing.assert_close(layer.lora_B[:, :rank] * layer.scaling, B_old * s_old)
+    assert torch.count_nonzero(layer.lora_B[:, rank:]) == 0          # new directions start at zero
+    torch.testing.assert_close(y_new, y, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(kind=kinds, d_in=st.integers(3, 20), d_out=st.integers(3, 20), rank=st.integers(2, 6),
+       data=st.data())
+def test_shrink_is_exact_when_the_update_fits(kind, d_in, d_out, rank, data):
+    true_rank = data.draw(st.integers(1, rank - 1), label="true_rank")
+    new_rank = data.draw(st.integers(true_rank, rank - 1), label="new_rank")
+    layer = trained(kind, d_in, d_out, rank, true_rank=true_rank)
+    A_param = layer.lora_A
+    x = torch.randn(9, d_in)
+    with torch.no_grad():
+        y = layer(x)
+        layer.resize(new_rank)
+        y_new = layer(x)
+    assert layer.rank == new_rank and layer.lora_A is A_param
+    torch.testing.assert_close(y_new, y, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(d_in=st.integers(4, 16), d_out=st.integers(4, 16), rank=st.integers(2, 6), data=st.data())
+def test_shrink_keeps_the_best_rank_k_approximation(d_in, d_out, rank, data):
+    new_rank = data.draw(st.integers(1, rank - 1), label="new_rank")
+    layer = trained("lora", d_in, d_out, rank)
+    with torch.no_grad():
+        delta = layer.get_delta_weight().double()
+        s_old = layer.scaling
+        U, S, Vh = torch.linalg.svd(delta)
+        best = (U[:, :new_rank] * S[:new_rank]) @ Vh[:new_rank]      # Eckart-Young
+        layer.resize(new_rank)
+        torch.testing.assert_close(layer.get_delta_weight().double(), best, rtol=1e-4, atol=1e-4)
+        # the split of B A = U S V^T: B = U sqrt(S) (s_old / s_new), A = sqrt(S) V^T
+        col = layer.lora_B.double().norm(dim=0) * layer.scaling / s_old
+        row = layer.lora_A.double().norm(dim=1)
+        torch.testing.assert_close(col, row, rtol=1e-4, atol=1e-5)
+
+
+def test_resized_low_rank_helper_shapes_and_product():
+    A, B = torch.randn(3, 7), torch.randn(5, 3)
+    A2, B2 = resized_low_rank(A, B, 6)
+    assert A2.shape == (6, 7) and B2.shape == (5, 6)
+    assert torch.equal(B2 @ A2, B @ A)                               # zero columns add exactly nothing
+    A1, B1 = resized_low_rank(A, B, 3)
+    assert torch.equal(A1, A) and torch.equal(B1, B)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_resize_clears_stale_grads_and_training_continues(kind):
+    layer = trained(kind, 6, 5, 3)
+    opt = torch.optim.SGD(layer.adapter_parameters(), lr=0.1)
+    x = torch.randn(4, 6)
+    layer(x).sum().backward()
+    opt.step()
+    layer.resize(5)
+    assert layer.lora_A.grad is None and layer.lora_B.grad is None
+    opt.zero_grad()
+    layer(x).sum().backward()                                        # same Parameters, new shapes
+    assert layer.lora_A.grad.shape == (5, 6)
+    opt.step()
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("bad", [0, -1])
+def test_resize_bad_rank_and_merged_are_clear_errors(kind, bad):
+    layer = trained(kind, 4, 4, 2)
+    with pytest.raises(ValueError, match=f"resize: rank must be a positive int, got {bad}"):
+        layer.resize(bad)
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.resize(3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_resize_in_half_precision(kind, dtype):
+    torch.manual_seed(0)
+    layer = KINDS[kind](nn.Linear(8, 6).to(dtype), rank=2, alpha=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 8).to(dtype)
+    with torch.no_grad():
+        y = layer(x)
+        layer.resize(4)
+        y_grow = layer(x)
+        layer.resize(2)                                              # back to the true rank
+        y_back = layer(x)
+    assert layer.lora_A.dtype == dtype and y_grow.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    scale = max(1.0, float(y.float().abs().max()))
+    assert float((y_grow.float() - y.float()).abs().max()) <= tol * scale
+    assert float((y_back.float() - y.float()).abs().max()) <= 3 * tol * scale

@@ -1,0 +1,343 @@
+"""The training loop (trainers/train.py) and its optimizers and schedules (trainers/optim.py).
+
+Tiny seeded models; each property is checked by computing the same thing two ways
+(accumulated vs one big batch, paged vs torch AdamW, resumed vs uninterrupted).
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from lora.layers import LoRALinear
+from trainers.optim import PagedAdamW, lr_at
+from trainers.train import NonFiniteLossError, TrainConfig, epoch_batches, train
+
+V, D, T = 11, 16, 8
+
+
+class TinyLM(nn.Module):
+    """Embedding -> LoRA(Linear) -> dropout -> head; only the LoRA factors train."""
+
+    def __init__(self, rank=2, dropout=0.0):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.mid = LoRALinear(nn.Linear(D, D), rank=rank, alpha=4)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(D, V)
+        for name, p in self.named_parameters():
+            p.requires_grad_("lora_" in name)
+        self.explode_at = None   # forward call number at which the loss turns NaN
+        self.calls = 0
+
+    def forward(self, idx, targets=None, attention_mask=None):
+        x = self.drop(torch.tanh(self.mid(self.emb(idx))))   # (B, T, D)
+        logits = self.head(x)                                # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+            if self.training:
+                self.calls += 1
+                if self.explode_at is not None and self.calls >= self.explode_at:
+                    loss = loss * float("nan")
+        return logits, loss
+
+
+def make_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return TinyLM(**kw)
+
+
+def make_data(n=64, seed=1):
+    """A learnable task: the label is a fixed permutation of the input token."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (n, T), generator=g)
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(7))
+    return {"input_ids": x, "labels": perm[x]}
+
+
+def cfg(**kw):
+    base = dict(steps=10, batch_size=8, lr=1e-2, warmup_steps=0, schedule="constant", eval_every=0,
+                log_every=0, device="cpu", progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class RecordingAllocator:
+    """A fake allocator: counts the hooks, records what it sees."""
+
+    def __init__(self, reg=0.0):
+        self.reg, self.calls, self.grads, self.grad_norms, self.finished = reg, [], [], [], None
+        self.rank_history = []
+
+    def regularization(self, model):
+        self.calls.append("reg")
+        return self.reg
+
+    def on_step(self, step, model, optimizer):
+        self.calls.append(("on_step", step))
+        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    def after_step(self, step, model, optimizer):
+        self.calls.append(("after_step", step))
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.grad_norms.append(torch.norm(torch.stack([p.grad.norm() for p in params])).item())
+
+    def finish(self, total_steps):
+        self.finished = total_steps
+
+    def state_dict(self):
+        return {"calls": len(self.calls)}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class GrowingAllocator(RecordingAllocator):
+    """Grows the LoRA layer's rank 2 -> 4 after step `at`, carrying Adam moments over."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def after_step(self, step, model, optimizer):
+        if step != self.at:
+            return
+        layer = model.mid
+        old = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in (layer.lora_A, layer.lora_B)}
+        layer.resize(4)
+        for p, state in old.items():       # same Parameter objects, new shapes: pad moments with zeros
+            for key in ("exp_avg", "exp_avg_sq"):
+                new = torch.zeros_like(p)
+                idx = (slice(0, 2), slice(None)) if p is layer.lora_A else (slice(None), slice(0, 2))
+                new[idx] = state[key]
+                optimizer.state[p][key] = new
+
+
+def test_loop_lowers_the_loss():
+    model, data = make_model(), make_data()
+    result = train(model, epoch_batches(data, 8), cfg(steps=40, lr=3e-2))
+    first, last = result.loss_log[0]["loss"], result.loss_log[-1]["loss"]
+    assert last < 0.7 * first
+    assert [r["step"] for r in result.loss_log] == list(range(40))
+    assert result.final_loss == last
+    m = result.metrics
+    assert m["trainable_params"] == 2 * 2 * D and m["total_params"] > m["trainable_params"]
+    assert m["trainable_pct"] == pytest.approx(100 * m["trainable_params"] / m["total_params"])
+    assert m["adapter_bytes"] == 4 * m["trainable_params"]
+    assert m["peak_memory_bytes"] > 0 and m["peak_memory_kind"] == "cpu_peak_rss"
+    assert m["tokens_per_s"] > 0 and m["examples_per_s"] > 0 and m["wall_time_s"] > 0
+
+
+def test_base_weights_do_not_move():
+    model, data = make_model(), make_data()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    train(model, epoch_batches(data, 8), cfg(steps=5))
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_grad_accumulation_equals_a_bigger_batch():
+    data = make_data(n=32)
+    big, small = RecordingAllocator(), RecordingAllocator()
+    m1, m2 = make_model(), make_model()
+    r1 = train(m1, epoch_batches(data, 8, shuffle=False), cfg(steps=3, batch_size=8), allocator=big)
+    r2 = train(m2, epoch_batches(data, 4, shuffle=False), cfg(steps=3, batch_size=4, grad_accum=2),
+               allocator=small)
+    assert small.calls.count("reg") == 2 * big.calls.count("reg") == 6
+    for g1, g2 in zip(big.grads, small.grads):
+        for name in g1:
+            torch.testing.assert_close(g1[name], g2[name], rtol=1e-5, atol=1e-7)
+    for a, b in zip(r1.loss_log, r2.loss_log):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for name, p in trainable(m1).items():
+        torch.testing.assert_close(p, trainable(m2)[name], rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=8, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), chunk=st.integers(1, 50),
+       wd=st.sampled_from([0.0, 0.1]), steps=st.integers(1, 4))
+def test_paged_adamw_equals_torch_adamw(shape, chunk, wd, steps):
+    torch.manual_seed(0)
+    p1 = nn.Parameter(torch.randn(shape))
+    p2 = nn.Parameter(p1.detach().clone())
+    ref = torch.optim.AdamW([p1], lr=1e-2, weight_decay=wd, foreach=False)
+    paged = PagedAdamW([p2], lr=1e-2, weight_decay=wd, chunk_size=chunk)
+    for _ in range(steps):
+        g = torch.randn(shape)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        ref.step()
+        paged.step()
+        assert torch.equal(p1, p2)
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(ref.state[p1][key], paged.state[p2][key])
+    assert paged.state[p2]["exp_avg"].device.type == "cpu"
+
+
+def test_paged_adamw_state_dict_round_trip():
+    p = nn.Parameter(torch.randn(5, 3))
+    opt = PagedAdamW([p], lr=1e-2, chunk_size=4)
+    p.grad = torch.randn(5, 3)
+    opt.step()
+    q = nn.Parameter(p.detach().clone())
+    opt2 = PagedAdamW([q], lr=1e-2, chunk_size=4)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))   # as through a file
+    g = torch.randn(5, 3)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    opt2.step()
+    assert torch.equal(p, q)
+
+
+def test_training_with_paged_adamw_equals_adamw():
+    data = make_data()
+    r1 = train(make_model(), epoch_batches(data, 8), cfg(steps=6, weight_decay=0.1))
+    r2 = train(make_model(), epoch_batches(data, 8), cfg(steps=6, weight_decay=0.1, paged_adamw=True))
+    assert [r["loss"] for r in r1.loss_log] == [r["loss"] for r in r2.loss_log]
+
+
+class Crash(Exception):
+    pass
+
+
+def crashing(batches, after):
+    """batches(epoch) that raises after `after` batches in total (a killed process)."""
+    count = [0]
+
+    def wrapped(epoch):
+        for batch in batches(epoch):
+            if count[0] == after:
+                raise Crash()
+            count[0] += 1
+            yield batch
+    return wrapped
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_resume_reaches_the_same_losses(tmp_path, grow):
+    data = make_data(n=40)   # 5 batches per epoch: the run crosses epochs
+    c = cfg(steps=14, checkpoint_every=4, schedule="cosine", warmup_steps=3, weight_decay=0.01)
+    alloc = (lambda: GrowingAllocator(at=5)) if grow else (lambda: None)
+    full = train(make_model(dropout=0.2), epoch_batches(data, 8), c, out_dir=tmp_path / "a", allocator=alloc())
+
+    with pytest.raises(Crash):   # dies during step 10, after the step-8 checkpoint
+        train(make_model(dropout=0.2), crashing(epoch_batches(data, 8), after=10), c,
+              out_dir=tmp_path / "b", allocator=alloc())
+    resumed_model = make_model(dropout=0.2)
+    assert resumed_model.mid.rank == 2
+    resumed = train(resumed_model, epoch_batches(data, 8), c, out_dir=tmp_path / "b", resume=True,
+                    allocator=alloc())
+    assert [r["loss"] for r in resumed.loss_log] == [r["loss"] for r in full.loss_log]
+    assert [r["lr"] for r in resumed.loss_log] == [r["lr"] for r in full.loss_log]
+    assert resumed_model.mid.rank == (4 if grow else 2)
+    assert not list((tmp_path / "b").glob("*.tmp"))    # atomic writes leave no temporaries
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(make_model(), epoch_batches(make_data(), 8), cfg(), out_dir=tmp_path, resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = make_data()
+    model = make_model()
+    model.explode_at = 6   # the 6th forward is step 5
+    with pytest.raises(NonFiniteLossError, match="step 5") as err:
+        train(model, epoch_batches(data, 8), cfg(checkpoint_every=2), out_dir=tmp_path)
+    assert err.value.step == 5 and err.value.checkpoint == tmp_path / "checkpoint.pt"
+    assert all(torch.isfinite(p).all() for p in model.parameters())   # NaN never reached the weights
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4
+    reference = make_model()   # the same run stopped cleanly after 4 steps
+    train(reference, epoch_batches(data, 8), cfg(steps=4))
+    for name, value in trainable(reference).items():
+        assert torch.equal(state["trainable"][name], value)
+
+
+def test_allocator_hooks_are_called_in_order():
+    alloc = RecordingAllocator()
+    train(make_model(), epoch_batches(make_data(), 8), cfg(steps=4, grad_accum=2), allocator=alloc)
+    expected = []
+    for step in range(4):
+        expected += ["reg", "reg", ("on_step", step), ("after_step", step)]
+    assert alloc.calls == expected
+    assert alloc.finished == 4
+    assert all(g is not None for grads in alloc.grads for g in grads.values())
+
+
+def test_allocator_regularization_enters_the_gradient():
+    model = make_model()
+    alloc = RecordingAllocator()
+    alloc.regularization = lambda m: 10.0 * (m.mid.lora_A ** 2).sum()
+    plain = RecordingAllocator()
+    train(model, epoch_batches(make_data(), 8), cfg(steps=1), allocator=alloc)
+    train(make_model(), epoch_batches(make_data(), 8), cfg(steps=1), allocator=plain)
+    A0 = make_model().mid.lora_A.detach()
+    # d/dA of 10 * ||A||^2 is 20 A; the task gradient of A is zero at init (B = 0)
+    torch.testing.assert_close(alloc.grads[0]["mid.lora_A"] - plain.grads[0]["mid.lora_A"], 20 * A0)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_clipping_bounds_the_gradient_norm(clip):
+    alloc = RecordingAllocator()
+    train(make_model(), epoch_batches(make_data(), 8), cfg(steps=4, clip=clip), allocator=alloc)
+    if clip:
+        assert max(alloc.grad_norms) <= clip * (1 + 1e-4)
+    else:
+        assert max(alloc.grad_norms) > 1e-2    # the unclipped norms are much larger
+
+
+def test_schedule_values():
+    lr, total, warm = 1.0, 22, 5          # decay over steps 5..21: 16 intervals
+    at = [lr_at(s, lr=lr, total_steps=total, warmup_steps=warm, schedule="cosine", min_lr_ratio=0.1)
+          for s in range(total)]
+    assert at[:warm] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert at[warm] == pytest.approx(1.0)
+    assert at[-1] == pytest.approx(0.1)                       # ends at min_lr
+    assert at[warm + 7] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 7 / 16)))
+    assert at[13] == pytest.approx(0.55)                       # half way through the decay: (lr + min) / 2
+    assert all(a >= b for a, b in zip(at[warm:], at[warm + 1:]))
+    lin = [lr_at(s, lr=lr, total_steps=total, warmup_steps=warm, schedule="linear", min_lr_ratio=0.0)
+           for s in range(total)]
+    assert lin[13] == pytest.approx(0.5) and lin[-1] == pytest.approx(0.0)
+    assert lr_at(17, lr=lr, total_steps=total, warmup_steps=warm, schedule="constant") == lr
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0, lr=lr, total_steps=total, schedule="step")
+
+
+def test_loop_uses_the_schedule():
+    c = cfg(steps=12, warmup_steps=3, schedule="cosine", lr=1e-2)
+    result = train(make_model(), epoch_batches(make_data(), 8), c)
+    assert [r["lr"] for r in result.loss_log] == [
+        lr_at(s, lr=1e-2, total_steps=12, warmup_steps=3, schedule="cosine", min_lr_ratio=c.min_lr_ratio)
+        for s in range(12)]
+
+
+def test_evaluate_is_called_when_due_and_at_the_end():
+    seen = []
+
+    def evaluate(model):
+        seen.append((model.training, torch.is_grad_enabled()))
+        return {"accuracy": 0.5}
+
+    result = train(make_model(), epoch_batches(make_data(), 8), cfg(steps=10, eval_every=4), evaluate=evaluate)
+    assert [e["step"] for e in result.eval_log] == [0, 4, 8, 10]
+    assert all(s == (False, False) for s in seen)
+    assert result.metrics["accuracy"] == 0.5
+
+
+def test_bad_config_and_no_trainable_parameters():
+    with pytest.raises(ValueError, match="schedule"):
+        train(make_model(), epoch_batches(make_data(), 8), cfg(schedule="warm"))
+    model = make_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(model, epoch_batches(make_data(), 8), cfg())

@@ -1,0 +1,143 @@
+"""Command line: `python -m trainers [run | matrix | ablate | plots] ...`.
+
+    python -m trainers                                   the offline planted-rank benchmark (trainers/planted.py)
+    python -m trainers run --config B-Q4 --task sst2 --model gpt2-tiny --steps 300
+    python -m trainers matrix --tasks sst2,tiny_shakespeare --configs B-FP,B-Q4,SADRA --model gpt2-tiny
+    python -m trainers ablate rank ...                   trainers/ablations.py
+    python -m trainers plots --results results/          redraw every figure from the files
+
+The options of `run` and `matrix` are generated from the fields of TrainConfig
+(trainers/train.py) and RunSettings (trainers/experiments.py): `--steps`, `--lr`,
+`--batch-size`, `--paged-adamw`, `--max-length`, `--limit`, ... An existing run
+folder is never overwritten unless `--overwrite` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from trainers.experiments import CONFIGS, MODEL_HELP, RunSettings, run_matrix, run_task
+from trainers.results import write_summary
+from trainers.train import TrainConfig
+
+SUBCOMMANDS = ("run", "matrix", "ablate", "plots")
+ABLATIONS = ("rank", "targets", "memory")
+
+
+def _known_tasks() -> list[str]:
+    from trainers.data import TASKS
+    return sorted(TASKS)
+
+
+def _epilog() -> str:
+    configs = "\n".join(f"  {name:<12} {c.description}" for name, c in CONFIGS.items())
+    return (f"configs:\n{configs}\n\ntasks:\n  {', '.join(_known_tasks())}\n\nmodels:\n  {MODEL_HELP}\n\n"
+            f"With no subcommand: the offline planted-rank benchmark (trainers/planted.py); its options come\n"
+            f"first, e.g. `python -m trainers --quick`, and `python -m trainers --quick --help` lists them.")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    """One `--field-name` option per dataclass field, typed from the annotation."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if args else kind
+        if base is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f"(default {f.default})")
+        else:
+            group.add_argument(flag, dest=f.name, type=base if base in (int, float) else str, default=f.default,
+                               metavar=f.name.upper(), help=f"(default {f.default})")
+
+
+def from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _names(text: str, known, what: str, parser: argparse.ArgumentParser) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        parser.error(f"unknown {what} {', '.join(unknown) or '(none given)'}; known {what}: {', '.join(known)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainers", epilog=_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="nanopeft: parameter-efficient fine-tuning experiments.")
+    sub = parser.add_subparsers(dest="command", metavar="{run,matrix,ablate,plots}")
+    for name, help_text in (("run", "one configuration on one task"),
+                            ("matrix", "every task x configuration, plus the summary")):
+        p = sub.add_parser(name, help=help_text, epilog=_epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == "run":
+            p.add_argument("--config", required=True, choices=list(CONFIGS), metavar="CONFIG",
+                           help=f"one of: {', '.join(CONFIGS)}")
+            p.add_argument("--task", required=True, help=f"one of: {', '.join(_known_tasks())}")
+            p.add_argument("--name", default=None, help="run folder name (default <task>__<config>)")
+        else:
+            p.add_argument("--tasks", required=True, help="comma-separated task names")
+            p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated config names (default all)")
+        p.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+        add_dataclass_args(p, TrainConfig, "training (TrainConfig)")
+        add_dataclass_args(p, RunSettings, "model and data (RunSettings)")
+    p = sub.add_parser("ablate", help="rank, target-module or memory ablation (trainers/ablations.py)")
+    p.add_argument("kind", choices=ABLATIONS)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the ablation")
+    p = sub.add_parser("plots", help="redraw the figures from a results folder")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        from trainers import planted                      # the offline default job, with its own options
+        return planted.main(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            if args.task not in _known_tasks():
+                parser.error(f"unknown task {args.task}; known tasks: {', '.join(_known_tasks())}")
+            out_dir = args.results / (args.name or f"{args.task}__{args.config}")
+            row = run_task(args.config, args.task, from_args(TrainConfig, args), out_dir,
+                           from_args(RunSettings, args), overwrite=args.overwrite)
+            csv_path, _ = write_summary(args.results)
+            print(f"{row['run']}: {row['metric']} = {row['metric_value']}, final loss {row['final_loss']:.4f}, "
+                  f"trainable {row['trainable_params']} ({row['trainable_pct']:.3f} %)\n"
+                  f"results: {out_dir}  summary: {csv_path}")
+        elif args.command == "matrix":
+            tasks = _names(args.tasks, _known_tasks(), "tasks", parser)
+            configs = _names(args.configs, list(CONFIGS), "configs", parser)
+            try:
+                rows = run_matrix(tasks, configs, from_args(TrainConfig, args), args.results,
+                                  from_args(RunSettings, args), overwrite=args.overwrite)
+            except RuntimeError as err:       # some runs failed; the others and the summary are written
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+            print(f"{len(rows)} runs; summary: {args.results / 'experiment_summary.csv'}")
+        elif args.command == "ablate":
+            from trainers import ablations
+            return ablations.main([args.kind, *args.rest])
+        elif args.command == "plots":
+            from trainers.plots import redraw
+            for path in redraw(args.results):
+                print(path)
+    except (FileExistsError, FileNotFoundError, ValueError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)      # a bad name, a busy folder, missing data
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Ablations: how much rank, which modules, and what it costs in memory.
+
+    rank      LoRA r = 1, 2, 4, 8, 16, 32, 64 and full fine-tuning: trainable %, metric
+    targets   LoRA r=8 on Q; Q,K; Q,K,V; Q,K,V,O; all (attention + MLP)
+    memory    full fine-tuning vs LoRA vs QLoRA (NF4 base): peak memory, metric, time
+
+Each point is one ordinary run (trainers.experiments.run_experiment writes its folder),
+so an ablation folder looks like a matrix folder: results/ablation-<kind>-<timestamp>/
+<point>/..., experiment_summary.csv, all_results.json, plus <kind>_ablation.csv (the
+ablation's own columns, one row per run, every cell filled) and its plot.
+
+Defaults: stories260K (llama2.c, a real 260K-parameter LLaMA) on Tiny Shakespeare when the
+offline data folder has them, else the planted-rank task of trainers/planted.py (no data).
+
+Q, K, V per model family. LLaMA (q_proj, k_proj, v_proj, o_proj; MLP gate/up/down_proj) and
+DistilBERT (q_lin, k_lin, v_lin, out_lin; MLP ffn.lin1/lin2) have separate projections.
+GPT-2 computes Q, K and V in one fused Linear, `attn.c_attn` (768 -> 3 * 768), so an adapter
+there always adapts all three: its ladder is "Q,K,V (fused c_attn)", "+O (attn.c_proj)",
+"all (+ mlp.c_fc, mlp.c_proj)", and the Q and Q,K rungs do not exist (we do not pretend to
+split a fused layer). The planted MLP has no attention: its ladder is fc1, fc2, both.
+
+Memory on the CPU: the figure the trainer records there is the process's peak resident set
+size, which only ever grows within a process; so each memory point runs in a fresh process
+(`isolate`), and the table also gives `state_bytes`, the exact bytes of weights (packed for a
+4-bit base) plus gradients and AdamW's two moments of the trainable parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import io
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+
+KINDS = ("rank", "targets", "memory")
+RANKS = (1, 2, 4, 8, 16, 32, 64)
+# family -> [(label, target modules)], each rung adding modules to the one before.
+TARGET_LADDERS = {
+    "llama": [("Q", ("q_proj",)), ("Q,K", ("q_proj", "k_proj")), ("Q,K,V", ("q_proj", "k_proj", "v_proj")),
+              ("Q,K,V,O", ("q_proj", "k_proj", "v_proj", "o_proj")),
+              ("all", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))],
+    "distilbert": [("Q", ("q_lin",)), ("Q,K", ("q_lin", "k_lin")), ("Q,K,V", ("q_lin", "k_lin", "v_lin")),
+                   ("Q,K,V,O", ("q_lin", "k_lin", "v_lin", "out_lin")),
+                   ("all", ("q_lin", "k_lin", "v_lin", "out_lin", "ffn.lin1", "ffn.lin2"))],
+    "gpt2": [("Q,K,V (fused c_attn)", ("c_attn",)), ("Q,K,V,O", ("c_attn", "attn.c_proj")),
+             ("all", ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))],
+    "planted": [("fc1", ("fc1",)), ("fc2", ("fc2",)), ("fc1,fc2", ("fc1", "fc2"))],
+}
+# The ablation CSVs' columns (after these, every column of the run summary follows).
+COLUMNS = {
+    "rank": ("r", "trainable_params", "trainable_pct", "metric", "metric_value", "final_loss", "wall_time_s"),
+    "targets": ("targets", "modules", "trainable_params", "trainable_pct", "metric", "metric_value", "final_loss",
+                "wall_time_s"),
+    "memory": ("label", "method", "peak_memory_bytes", "peak_memory_kind", "state_bytes", "metric",
+               "metric_value", "final_loss", "wall_time_s", "trainable_params"),
+}
+
+
+@dataclass
+class AblationSettings:
+    task: str | None = None          # a task name (trainers.data.TASKS) or "planted"; None: the default above
+    model: str | None = None         # see trainers.experiments.MODEL_HELP; None: stories260K (planted: its MLP)
+    steps: int = 200                 # optimizer steps per run
+    batch_size: int = 16             # examples per step (planted: fresh samples)
+    lr: float = 1e-3                 # learning rate of every run (LoRA and full fine-tuning alike)
+    full_ft_lr: float | None = None  # a separate lr for full fine-tuning; None: `lr`
+    max_length: int = 128            # tokens per example (LM: block size)
+    limit: int | None = 2000         # at most this many examples (LM: blocks) per split
+    eval_examples: int | None = 256  # evaluate on at most this many eval examples
+    data_dir: str | None = None      # the offline data folder (default: trainers.paths.data_dir())
+    seed: int = 0
+    device: str | None = None
+    ranks: tuple = RANKS             # the rank ablation's ranks
+    isolate: bool | None = None      # run memory points in fresh processes; None: on the CPU only
+    planted_dim: int = 64            # the planted task's width (when task is "planted")
+
+
+def resolve_defaults(s: AblationSettings) -> AblationSettings:
+    """Fill task/model: stories260K on Tiny Shakespeare when the data folder has both, else planted."""
+    if s.task is not None and s.model is not None or s.task == "planted":
+        return s
+    from trainers.paths import data_dir
+    root = data_dir(s.data_dir)
+    have = (root is not None and (root / "stories260K" / "stories260K.bin").exists()
+            and (root / "tiny_shakespeare" / "input.txt").exists())
+    if s.task is None:
+        return dataclasses.replace(s, task="tiny_shakespeare" if have else "planted",
+                                   model=s.model or ("stories260K" if have else None))
+    return dataclasses.replace(s, model="stories260K")
+
+
+# --- one point --------------------------------------------------------------------------------
+class _Context:
+    """What every run of an ablation shares: the tokenized task (or the planted problem)."""
+
+    def __init__(self, s: AblationSettings):
+        self.s = s
+        if s.task == "planted":
+            from trainers.planted import PlantedConfig, PlantedTask, build_planted
+            self.planted_cfg = PlantedConfig(dim=s.planted_dim, seed=s.seed, batch_size=s.batch_size,
+                                             eval_examples=s.eval_examples or 1024)
+            self.base, teacher, _ = build_planted(self.planted_cfg)
+            self.data = PlantedTask(teacher, self.planted_cfg)
+            self.family, self.tokenizer = "planted", None
+        else:
+            from trainers.experiments import load_model, load_task_for, model_family
+            model, self.tokenizer = load_model(s.model, s.task, max_length=s.max_length, data_dir=s.data_dir,
+                                               seed=s.seed)
+            self.family = model_family(model)
+            self.data = load_task_for(s.task, self.tokenizer, max_length=s.max_length, limit=s.limit,
+                                      data_dir=s.data_dir, seed=s.seed)
+
+    def model(self) -> nn.Module:
+        if self.s.task == "planted":
+            return copy.deepcopy(self.base)
+        from trainers.experiments import load_model
+        return load_model(self.s.model, self.s.task, max_length=self.s.max_length, data_dir=self.s.data_dir,
+                          seed=self.s.seed, tokenizer=self.tokenizer)[0]
+
+    def evaluator(self):
+        if self.s.task == "planted":
+            return self.data.evaluate
+        from trainers.experiments import make_evaluator
+        return make_evaluator(self.data, tokenizer=self.tokenizer, max_examples=self.s.eval_examples)
+
+    def default_targets(self) -> tuple | None:
+        return ("fc1", "fc2") if self.s.task == "planted" else None
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of what training holds besides activations: every weight as stored (a quantized
+    layer's packed codes and constants), plus a gradient and AdamW's two moments per
+    trainable parameter."""
+    total, seen = 0, set()
+    for module in model.modules():
+        if callable(getattr(module, "storage_bytes", None)):      # a quantized base layer
+            total += module.storage_bytes()
+            seen.update(id(t) for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)))
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size() * (4 if p.requires_grad else 1)
+    return total
+
+
+def run_point(exp, s: AblationSettings, ctx: _Context, out_dir: Path) -> dict:
+    """One run: a fresh model, prepared for `exp` and trained by the trainer; returns its summary
+    row plus `state_bytes`."""
+    from trainers.experiments import run_experiment
+    from trainers.train import TrainConfig
+    lr = s.full_ft_lr if exp.method == "full" and s.full_ft_lr is not None else s.lr
+    train_cfg = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=lr, warmup_steps=max(1, s.steps // 20),
+                            eval_every=0, seed=s.seed, device=s.device, progress=False)
+    model = ctx.model()
+    model_name = s.model or f"planted-mlp-d{s.planted_dim}"
+    row = run_experiment(exp, model, ctx.data, train_cfg, out_dir, ctx.evaluator(), model_name=model_name)
+    return {**row, "state_bytes": state_bytes(model)}
+
+
+def _isolated_point(args) -> dict:
+    """Child-process entry (spawn): rebuild the context and run one point, so the process's
+    peak RSS belongs to this run alone."""
+    exp, s, out_dir = args
+    return run_point(exp, s, _Context(s), out_dir)
+
+
+# --- the three ablations ----------------------------------------------------------------------
+def ablation_points(kind: str, ctx: _Context) -> list[tuple[str, object, dict]]:
+    """[(folder name, ExperimentConfig, the ablation's own columns)] for one kind."""
+    from trainers.experiments import CONFIGS, default_targets
+    targets = ctx.default_targets()
+    lora = dataclasses.replace(CONFIGS["B-FP"], target_modules=targets)
+    if kind == "rank":
+        # lora_alpha = 2 r keeps the scaling alpha / r = 2 (B-FP's) at every rank, so the
+        # ablation changes the rank and not the effective step size of the update.
+        points = [(f"r{r:02d}", dataclasses.replace(lora, name=f"LoRA-r{r}", r=r, lora_alpha=2 * r), {"r": r})
+                  for r in ctx.s.ranks]
+        return points + [("full", CONFIGS["Full-FT"], {"r": "full"})]
+    if kind == "targets":
+        if ctx.family not in TARGET_LADDERS:
+            raise ValueError(f"target ablation: no module ladder for model family {ctx.family!r}; "
+                             f"known: {sorted(TARGET_LADDERS)}")
+        return [(f"t{i}-{label.split(' ')[0].replace(',', '')}",
+                 dataclasses.replace(lora, name=f"LoRA-{label}", target_modules=modules),
+                 {"targets": label, "modules": " ".join(modules)})
+                for i, (label, modules) in enumerate(TARGET_LADDERS[ctx.family])]
+    if kind == "memory":
+        qlora = dataclasses.replace(CONFIGS["B-Q4"], target_modules=targets)
+        return [("full", CONFIGS["Full-FT"], {"label": "full FT", "method": "full"}),
+                ("lora", lora, {"label": "LoRA r=8", "method": "lora"}),
+                ("qlora", qlora, {"label": "QLoRA r=8 (NF4)", "method": "lora+nf4"})]
+    raise ValueError(f"unknown ablation {kind!r}; known: {', '.join(KINDS)}")
+
+
+def run_ablation(kind: str, settings: AblationSettings | None = None, out: Path | None = None,
+                 results_root: Path = Path("results")) -> list[dict]:
+    """Run one ablation; writes its runs, the summary, <kind>_ablation.csv and its plot under `out`
+    (default: a new results/ablation-<kind>-<timestamp>). Returns the CSV's rows."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown ablation {kind!r}; known: {', '.join(KINDS)}")
+    from trainers.planted import new_results_dir
+    from trainers.results import MISSING, atomic_write_text, write_summary
+    s = resolve_defaults(settings or AblationSettings())
+    ctx = _Context(s)
+    points = ablation_points(kind, ctx)
+    if out is None:
+        out = new_results_dir(results_root, prefix=f"ablation-{kind}")
+    out = Path(out)
+    isolate = s.isolate if s.isolate is not None else (kind == "memory" and _device_type(s.device) == "cpu")
+    rows = []
+    for folder, exp, own in points:
+        if isolate:
+            import multiprocessing
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                row = pool.apply(_isolated_point, ((exp, s, out / folder),))
+        else:
+            row = run_point(exp, s, ctx, out / folder)
+        rows.append({**own, **{k: v for k, v in row.items() if k not in own}})
+    write_summary(out)
+    columns = list(COLUMNS[kind]) + [c for c in rows[0] if c not in COLUMNS[kind]]
+    for row in rows:
+        for column in columns:
+            if row.get(column) is None or row.get(column) == "":
+                row[column] = MISSING
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / f"{kind}_ablation.csv", buf.getvalue())
+    try:
+        from trainers.plots import redraw
+        redraw(out)
+    except ImportError as err:
+        print(f"(no plots: {err})", file=sys.stderr)
+    return rows
+
+
+def _device_type(device: str | None) -> str:
+    from trainers.device import pick_device
+    return pick_device(device).type
+
+
+def format_rows(kind: str, rows: list[dict]) -> str:
+    columns = COLUMNS[kind]
+    lines = ["  ".join(f"{c:>16}" for c in columns)]
+    for row in rows:
+        cells = []
+        for c in columns:
+            v = row[c]
+            cells.append(f"{v:>16.4g}" if isinstance(v, float) else f"{str(v)[:16]:>16}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+# --- command line -----------------------------------------------------------------------------
+def build_parser(kind: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m trainers ablation {kind or '{rank,targets,memory}'}",
+        description=__doc__.split("\n\n")[0] + " Defaults: stories260K on Tiny Shakespeare when the offline "
+                    "data exists, else the planted task.")
+    if kind is None:
+        parser.add_argument("kind", choices=KINDS)
+    defaults = AblationSettings()
+    parser.add_argument("--task", default=None, help="a task name, or 'planted' (no data needed)")
+    parser.add_argument("--model", default=None, help="model name or path (see `python -m trainers --help`)")
+    for name in ("steps", "batch_size", "max_length", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--full-ft-lr", type=float, default=None, help="lr for full fine-tuning (default: --lr)")
+    parser.add_argument("--limit", type=int, default=defaults.limit)
+    parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--ranks", default=",".join(map(str, RANKS)), help="rank ablation: comma-separated ranks")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the runs (default: a new results/ablation-<kind>-<timestamp>)")
+    return parser
+
+
+def main(argv=None, kind: str | None = None) -> int:
+    args = build_parser(kind).parse_args(argv)
+    kind = kind or args.kind
+    settings = AblationSettings(task=args.task, model=args.model, steps=args.steps, batch_size=args.batch_size,
+                                lr=args.lr, full_ft_lr=args.full_ft_lr, max_length=args.max_length,
+                                limit=args.limit, eval_examples=args.eval_examples, data_dir=args.data_dir,
+                                seed=args.seed, device=args.device,
+                                ranks=tuple(int(r) for r in args.ranks.split(",") if r))
+    if args.out is not None and args.out.exists() and any(args.out.iterdir()):
+        raise SystemExit(f"ablation: {str(args.out)!r} already holds results; choose another --out")
+    rows = run_ablation(kind, settings, args.out)
+    print(format_rows(kind, rows))
+    return 0
+
+
+def main_rank(argv=None) -> int:
+    return main(argv, "rank")
+
+
+def main_targets(argv=None) -> int:
+    return main(argv, "targets")
+
+
+def main_memory(argv=None) -> int:
+    return main(argv, "memory")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Pretrained weights into the from-scratch models.
+
+Two sources:
+- Hugging Face checkpoints: a local folder with config.json and model.safetensors
+  (or pytorch_model.bin, or their sharded *.index.json forms), or, when online, a hub id
+  fetched with huggingface_hub.snapshot_download. `load_hf_model(source, kind=None)`.
+- llama2.c checkpoints (legacy version-0 `.bin`, e.g. stories260K). `load_llama2c(path)`.
+
+Every load goes through an explicit key map (our parameter name -> checkpoint key) with
+a shape check per tensor. Nothing is copied until every key is accounted for: a missing,
+unexpected or misshapen tensor fails with a message that names it. The only tensors
+allowed to be absent are a freshly added task head (e.g. `classifier` when a base
+DistilBERT is loaded for classification); the report lists them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from trainers.models import MODELS, DistilBertConfig, GPT2Config, LlamaConfig, LlamaForCausalLM
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer files
+
+
+# ----------------------------------------------------------------------------- files
+
+def resolve_source(source, allow_patterns: list[str] | None = None) -> Path:
+    """A local folder as is; otherwise a hub id ("gpt2", "org/name") downloaded when online.
+
+    allow_patterns: the hub files to fetch (default: config, weights and tokenizer files).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"checkpoint: expected a folder holding config.json and weights, got the file {str(path)!r}")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(source)) or str(source).startswith("."):
+        raise FileNotFoundError(f"checkpoint: {str(source)!r} is neither a local folder nor a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+        if allow_patterns is not None:
+            return Path(snapshot_download(repo_id=str(source), allow_patterns=allow_patterns))
+        folder = Path(snapshot_download(repo_id=str(source), allow_patterns=HUB_PATTERNS))
+        if not any((folder / name).exists() for name in WEIGHT_FILES):  # older repos ship only .bin
+            folder = Path(snapshot_download(repo_id=str(source), allow_patterns=HUB_PATTERNS + ["pytorch_model*.bin"]))
+        return folder
+    except Exception as error:  # offline, unknown repo, no huggingface_hub, ...
+        raise FileNotFoundError(f"checkpoint: {str(source)!r} is not a local folder, and fetching it from the "
+                                f"Hugging Face hub failed ({type(error).__name__}: {error})") from error
+
+
+def _read_one(file: Path) -> dict[str, Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"checkpoint: cannot read weights file {str(file)!r}; it looks corrupt or truncated "
+                         f"({type(error).__name__}: {error})") from error
+
+
+def read_weights(folder: Path) -> dict[str, Tensor]:
+    """All tensors of the first weights file found in folder (shards are merged)."""
+    folder = Path(folder)
+    for name in WEIGHT_FILES:
+        file = folder / name
+        if not file.exists():
+            continue
+        if name.endswith(".index.json"):
+            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+            tensors = {}
+            for shard in shards:
+                tensors.update(_read_one(folder / shard))
+            return tensors
+        return _read_one(file)
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise FileNotFoundError(f"checkpoint: no weights in {str(folder)!r}; expected one of {', '.join(WEIGHT_FILES)}, "
+                            f"found {present or 'nothing'}")
+
+
+def read_hf_config(folder: Path) -> dict:
+    file = Path(folder) / "config.json"
+    if not file.exists():
+        raise FileNotFoundError(f"checkpoint: no config.json in {str(folder)!r}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"checkpoint: {str(file)!r} is not valid JSON ({error})") from error
+
+
+# ----------------------------------------------------------------------------- configs
+
+def _num_labels(hf: dict) -> int:
+    return len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
+
+
+def config_from_hf(hf: dict):
+    """(family, our config) from an HF config.json dict; unsupported variants fail by name."""
+    model_type = hf.get("model_type")
+
+    def require(key, ok, default=None):
+        value = hf.get(key, default)
+        if value not in ok:
+            raise ValueError(f"checkpoint: {model_type} with {key}={value!r} is not supported (expected {ok})")
+
+    if model_type == "gpt2":
+        require("activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
+        require("n_inner", (None, 4 * hf["n_embd"]))
+        require("scale_attn_by_inverse_layer_idx", (False,), False)
+        require("tie_word_embeddings", (True,), True)
+        return "gpt2", GPT2Config(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                                  n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=hf.get("resid_pdrop", 0.0),
+                                  layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+                                  num_labels=_num_labels(hf), pad_token_id=hf.get("pad_token_id"))
+    if model_type == "distilbert":
+        require("activation", ("gelu",), "gelu")
+        return "distilbert", DistilBertConfig(
+            vocab_size=hf["vocab_size"], max_position_embeddings=hf["max_position_embeddings"], dim=hf["dim"],
+            n_layers=hf["n_layers"], n_heads=hf["n_heads"], hidden_dim=hf["hidden_dim"], dropout=hf.get("dropout", 0.1),
+            attention_dropout=hf.get("attention_dropout", 0.1), seq_classif_dropout=hf.get("seq_classif_dropout", 0.2),
+            num_labels=_num_labels(hf), pad_token_id=hf.get("pad_token_id", 0))
+    if model_type == "llama":
+        rope = hf.get("rope_parameters") or {}
+        if (hf.get("rope_scaling") or {}).get("rope_type", "default") != "default" or \
+                rope.get("rope_type", "default") != "default":
+            raise ValueError("checkpoint: llama with rope scaling is not supported (only the default RoPE)")
+        require("attention_bias", (False,), False)
+        require("mlp_bias", (False,), False)
+        require("hidden_act", ("silu",), "silu")
+        require("head_dim", (None, hf["hidden_size"] // hf["num_attention_heads"]))
+        return "llama", LlamaConfig(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False))
+    raise ValueError(f"checkpoint: model_type {model_type!r} is not supported; known: gpt2, distilbert, llama")
+
+
+# HF architecture -> our model name; base models and other heads get the family's default head.
+ARCHITECTURES = {
+    "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2", "GPT2ForSequenceClassification": "gpt2-cls",
+    "DistilBertForSequenceClassification": "distilbert-cls", "DistilBertForQuestionAnswering": "distilbert-qa",
+    "DistilBertModel": "distilbert-cls", "DistilBertForMaskedLM": "distilbert-cls",
+    "LlamaForCausalLM": "llama", "LlamaModel": "llama",
+}
+
+
+# ----------------------------------------------------------------------------- key maps
+# Each map: our parameter name -> checkpoint key, after the checkpoint's base-model prefix
+# ("transformer.", "distilbert.", "model.") has been stripped (HF saves base models without it).
+
+GPT2_BLOCK = ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+              "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+              "mlp.c_proj.weight", "mlp.c_proj.bias"]
+DISTILBERT_BLOCK = [f"attention.{n}_lin.{p}" for n in ("q", "k", "v", "out") for p in ("weight", "bias")] + \
+                   [f"{n}.{p}" for n in ("sa_layer_norm", "ffn.lin1", "ffn.lin2", "output_layer_norm")
+                    for p in ("weight", "bias")]
+LLAMA_BLOCK = [f"self_attn.{n}_proj.weight" for n in "qkvo"] + \
+              [f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")] + \
+              ["input_layernorm.weight", "post_attention_layernorm.weight"]
+
+
+@dataclass
+class KeyMap:
+    prefix: str  # base-model prefix in HF checkpoints
+    names: dict[str, str]  # ours -> checkpoint key (prefix stripped)
+    transpose: set[str] = field(default_factory=set)  # ours whose checkpoint tensor is (in, out)
+    fresh_heads: tuple[str, ...] = ()  # our name prefixes that may be missing (new task heads)
+    ignore: tuple[str, ...] = ()  # regexes of checkpoint keys to drop (buffers, other heads)
+
+
+def hf_key_map(family: str, config) -> KeyMap:
+    if family == "gpt2":
+        names = {f"transformer.{k}": k for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+        names.update({f"transformer.h.{i}.{k}": f"h.{i}.{k}" for i in range(config.n_layer) for k in GPT2_BLOCK})
+        names.update({"lm_head.weight": "lm_head.weight", "score.weight": "score.weight"})
+        transpose = {k for k in names if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))}  # Conv1D
+        return KeyMap("transformer.", names, transpose, fresh_heads=("score.",),
+                      ignore=(r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight", r"score\.weight"))
+    if family == "distilbert":
+        names = {f"distilbert.embeddings.{k}": f"embeddings.{k}"
+                 for k in ("word_embeddings.weight", "position_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias")}
+        names.update({f"distilbert.transformer.layer.{i}.{k}": f"transformer.layer.{i}.{k}"
+                      for i in range(config.n_layers) for k in DISTILBERT_BLOCK})
+        names.update({f"{h}.{p}": f"{h}.{p}" for h in ("pre_classifier", "classifier", "qa_outputs")
+                      for p in ("weight", "bias")})
+        return KeyMap("distilbert.", names, fresh_heads=("pre_classifier.", "classifier.", "qa_outputs."),
+                      ignore=(r"embeddings\.position_ids", r"vocab_(transform|layer_norm|projector)\.\w+",
+                              r"(pre_classifier|classifier|qa_outputs)\.\w+"))
+    if family == "llama":
+        names = {f"model.{k}": k for k in ("embed_tokens.weight", "norm.weight")}
+        names.update({f"model.layers.{i}.{k}": f"layers.{i}.{k}" for i in range(config.n_layers) for k in LLAMA_BLOCK})
+        names["lm_head.weight"] = "lm_head.weight"
+        ignore = (r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+        if config.tie_word_embeddings:
+            ignore += (r"lm_head\.weight",)  # a tied model reads its head from embed_tokens
+        return KeyMap("model.", names, ignore=ignore)
+    raise ValueError(f"no key map for model family {family!r}")
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str]  # our parameter names filled from the checkpoint
+    initialised: list[str]  # new task-head parameters left at their fresh init
+    ignored: list[str]  # checkpoint keys dropped on purpose (buffers, other heads)
+
+
+def load_mapped(model: nn.Module, tensors: dict[str, Tensor], key_map: KeyMap) -> LoadReport:
+    """Copy checkpoint tensors into model through key_map; fails naming every bad key."""
+    tensors = {k[len(key_map.prefix):] if k.startswith(key_map.prefix) else k: v for k, v in tensors.items()}
+    ours = dict(model.named_parameters())  # a tied weight appears once, under its first name
+    missing, misshapen, fresh, plan = [], [], [], []
+    for name, param in ours.items():
+        source = key_map.names.get(name)
+        assert source is not None, f"key map has no entry for the model parameter {name!r}"
+        if source not in tensors:
+            (fresh if name.startswith(key_map.fresh_heads) else missing).append(name)
+            continue
+        value = tensors[source].t() if name in key_map.transpose else tensors[source]
+        if value.shape != param.shape:
+            misshapen.append(f"{source}: checkpoint {tuple(value.shape)} vs model {name} {tuple(param.shape)}")
+        plan.append((name, source, value))
+    used = {source for _, source, _ in plan}
+    unexpected = [k for k in tensors if k not in used]
+    ignored = [k for k in unexpected if any(re.fullmatch(p, k) for p in key_map.ignore)]
+    extra = [k for k in unexpected if k not in ignored]
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {', '.join(missing)}")
+    if extra:
+        problems.append(f"unexpected in the checkpoint: {', '.join(extra)}")
+    if misshapen:
+        problems.append(f"wrong shape: {'; '.join(misshapen)}")
+    if problems:
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: " + " | ".join(problems))
+    with torch.no_grad():
+        for name, _, value in plan:
+            ours[name].copy_(value.to(ours[name].dtype))
+    return LoadReport([name for name, _, _ in plan], fresh, ignored)
+
+
+def load_hf_model(source, kind: str | None = None, dtype: torch.dtype | None = None,
+                  **overrides) -> nn.Module:
+    """Build one of our models from an HF checkpoint (local folder or hub id).
+
+    kind: one of trainers.models.MODELS; by default taken from the checkpoint's
+      `architectures` (a base or MLM DistilBERT becomes "distilbert-cls").
+    overrides: config fields to change, e.g. num_labels=4, dropout=0.0.
+    The report of the load is kept on `model.load_report`.
+    """
+    folder = resolve_source(source)
+    hf = read_hf_config(folder)
+    family, config = config_from_hf(hf)
+    if kind is None:
+        kind = next((ARCHITECTURES[a] for a in hf.get("architectures") or [] if a in ARCHITECTURES), family)
+    if kind not in MODELS:
+        raise ValueError(f"unknown model {kind!r}; known models: {', '.join(MODELS)}")
+    if not kind.startswith(family):
+        raise ValueError(f"checkpoint {str(source)!r} holds a {family} model, cannot load it as {kind!r}")
+    config_cls, model_cls = MODELS[kind]
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(config)}
+    if unknown:
+        raise ValueError(f"load_hf_model: {config_cls.__name__} has no field(s) {sorted(unknown)}")
+    config = dataclasses.replace(config, **overrides)
+    model = model_cls(config)
+    if dtype is not None:
+        model.to(dtype)
+    model.load_report = load_mapped(model, read_weights(folder), hf_key_map(family, config))
+    return model
+
+
+# ----------------------------------------------------------------------------- llama2.c
+
+def permute_rotary(w: Tensor, n_heads: int) -> Tensor:
+    """Rows of a q/k projection from interleaved rotary pairs (2i, 2i+1) to rotate-half
+    pairs (i, i + hs/2), head by head: the permutation HF applies to Meta's weights."""
+    out_features, in_features = w.shape
+    hs = out_features // n_heads
+    return w.view(n_heads, hs // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+def load_llama2c(path) -> LlamaForCausalLM:
+    """A llama2.c legacy (version 0) checkpoint: 7 int32 header, then float32 arrays.
+
+    Header: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len; vocab_size > 0
+    means the classifier is tied to the token embedding, < 0 that a separate one follows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"llama2.c checkpoint {str(path)!r} not found")
+    raw = path.read_bytes()
+    if raw[:4] == struct.pack("<I", 0x616B3432):  # the magic of llama2.c's versioned exports
+        raise ValueError(f"{str(path)!r} is a versioned llama2.c export; only the legacy version-0 format is supported")
+    if len(raw) < 28:
+        raise ValueError(f"{str(path)!r} is {len(raw)} bytes, too short for a llama2.c header (28 bytes)")
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", raw[:28])
+    tied, vocab = vocab > 0, abs(vocab)
+    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
+        raise ValueError(f"{str(path)!r}: header {(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len)} "
+                         "is not a valid llama2.c header; the file is corrupt or not a llama2.c checkpoint")
+    hs = dim // n_heads
+    shapes = [("tok_embeddings", (vocab, dim)), ("attention_norm", (n_layers, dim)),
+              ("wq", (n_layers, dim, dim)), ("wk", (n_layers, n_kv * hs, dim)), ("wv", (n_layers, n_kv * hs, dim)),
+              ("wo", (n_layers, dim, dim)), ("ffn_norm", (n_layers, dim)), ("w1", (n_layers, hidden, dim)),
+              ("w2", (n_layers, dim, hidden)), ("w3", (n_layers, hidden, dim)), ("norm", (dim,)),
+              ("freq_cis_real", (seq_len, hs // 2)), ("freq_cis_imag", (seq_len, hs // 2))]
+    if not tied:
+        shapes.append(("output", (vocab, dim)))
+    expected = 28 + 4 * sum(int(np.prod(s)) for _, s in shapes)
+    if len(raw) != expected:
+        raise ValueError(f"{str(path)!r} is {len(raw)} bytes but its header implies {expected}: "
+                         "the file is truncated or corrupt")
+    arrays, offset = {}, 28
+    for name, shape in shapes:
+        count = int(np.prod(shape))
+        arrays[name] = torch.from_numpy(np.frombuffer(raw, dtype="<f4", count=count, offset=offset).copy()).view(shape)
+        offset += 4 * count
+    config = LlamaConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
+                         hidden_dim=hidden, max_seq_len=seq_len, tie_word_embeddings=tied, norm_eps=1e-5)
+    # the stored RoPE table must be the one our rope_theta gives (llama2.c always uses 10000)
+    positions = torch.arange(seq_len, dtype=torch.float32)[:, None]
+    angles = positions * (1.0 / config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
+    if not torch.allclose(arrays["freq_cis_real"], angles.cos(), atol=1e-4):
+        raise ValueError(f"{str(path)!r}: its RoPE table does not match theta={config.rope_theta}")
+    model = LlamaForCausalLM(config)
+    tensors = {"embed_tokens.weight": arrays["tok_embeddings"], "norm.weight": arrays["norm"]}
+    if not tied:
+        tensors["lm_head.weight"] = arrays["output"]
+    for i in range(n_layers):
+        layer = f"layers.{i}."
+        tensors.update({
+            layer + "self_attn.q_proj.weight": permute_rotary(arrays["wq"][i], n_heads),
+            layer + "self_attn.k_proj.weight": permute_rotary(arrays["wk"][i], n_kv),
+            layer + "self_attn.v_proj.weight": arrays["wv"][i], layer + "self_attn.o_proj.weight": arrays["wo"][i],
+            layer + "mlp.gate_proj.weight": arrays["w1"][i], layer + "mlp.down_proj.weight": arrays["w2"][i],
+            layer + "mlp.up_proj.weight": arrays["w3"][i], layer + "input_layernorm.weight": arrays["attention_norm"][i],
+            layer + "post_attention_layernorm.weight": arrays["ffn_norm"][i]})
+    load_mapped(model, tensors, hf_key_map("llama", config))
+    return model

@@ -1,0 +1,8 @@
+"""Data tasks: local file readers (readers.py), the hub and the choice of source (source.py),
+token-level helpers (spans.py), and the task registry with tokenized, batched splits (tasks.py)."""
+from trainers.data.readers import DataUnavailable, RawData, UnknownTask
+from trainers.data.source import hub_reachable, read_raw
+from trainers.data.tasks import IGNORE_INDEX, TASKS, TaskData, TaskSpec, get_task, load_task
+
+__all__ = ["DataUnavailable", "RawData", "UnknownTask", "hub_reachable", "read_raw",
+           "IGNORE_INDEX", "TASKS", "TaskData", "TaskSpec", "get_task", "load_task"]

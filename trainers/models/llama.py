@@ -1,0 +1,210 @@
+"""LLaMA (Touvron et al., 2023, "LLaMA: Open and Efficient Foundation Language Models").
+
+A pre-norm decoder-only transformer that differs from GPT-2 in four places:
+
+    RMSNorm      y = x / sqrt(mean(x^2) + eps) * g                    (Zhang & Sennrich, 2019)
+    RoPE         q, k rotated by position-dependent angles t * theta^(-2i/hs)  (Su et al., 2021)
+    SwiGLU MLP   down_proj(silu(gate_proj(x)) * up_proj(x))           (Shazeer, 2020)
+    GQA          n_kv_heads <= n_heads; query head h reads kv head h // (n_heads / n_kv_heads)
+                                                                      (Ainslie et al., 2023)
+
+Rotary convention: "rotate half", as in Hugging Face checkpoints. Inside each head the
+first hs/2 features are the real parts and the last hs/2 the imaginary parts of the
+hs/2 rotating pairs. llama2.c and Meta's original code instead rotate interleaved
+pairs (2i, 2i+1); `trainers.checkpoints.load_llama2c` permutes the rows of wq and wk
+into this layout, which leaves every attention score q.k unchanged.
+
+Module names copy the HF checkpoint (`model.layers.0.self_attn.q_proj`, ...). Sizes
+go from stories260K (260K parameters) to TinyLlama-1.1B (`LlamaConfig.tinyllama()`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from trainers.models.common import KVCache, cached_causal_mask, generate, next_token_loss
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000  # Llama-2 SentencePiece vocabulary
+    dim: int = 2048  # model width C (HF hidden_size); defaults are TinyLlama-1.1B
+    n_layers: int = 22  # transformer blocks (HF num_hidden_layers)
+    n_heads: int = 32  # query heads (HF num_attention_heads)
+    n_kv_heads: int = 4  # key/value heads shared by groups of query heads (GQA)
+    hidden_dim: int = 5632  # SwiGLU width (HF intermediate_size)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    max_seq_len: int = 2048  # longest context (HF max_position_embeddings)
+    tie_word_embeddings: bool = False  # True: lm_head shares embed_tokens (stories260K)
+    dropout: float = 0.0  # on attention probabilities and residual branches
+    gradient_checkpointing: bool = False  # recompute each block in backward to save activation memory
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def tiny(cls, **overrides) -> "LlamaConfig":
+        """A few-thousand-parameter GQA model for tests."""
+        return cls(**{**dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                             max_seq_len=64), **overrides})
+
+    @classmethod
+    def stories260k(cls) -> "LlamaConfig":
+        """karpathy/tinyllamas stories260K (see shared/data/PROVENANCE.md)."""
+        return cls(vocab_size=512, dim=64, n_layers=5, n_heads=8, n_kv_heads=4, hidden_dim=172,
+                   max_seq_len=512, tie_word_embeddings=True)
+
+    @classmethod
+    def tinyllama(cls) -> "LlamaConfig":
+        """TinyLlama/TinyLlama-1.1B (the defaults)."""
+        return cls()
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(T: int, head_dim: int, theta: float, device, start: int = 0) -> tuple[Tensor, Tensor]:
+    """cos, sin (T, hs) for positions start..start+T-1, each angle repeated for both halves."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    positions = torch.arange(start, start + T, device=device, dtype=torch.float32)  # (T,)
+    angles = torch.outer(positions, inv_freq)  # (T, hs/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pair i = (x[i], x[i + hs/2]) by its angle: x * cos + rotate_half(x) * sin."""
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, nh, T, hs)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of a KVCache is ours
+        assert config.n_heads % config.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        hs = config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, hs
+        self.q_proj = nn.Linear(config.dim, config.n_heads * hs, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * hs, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * hs, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * hs, config.dim, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None = None) -> Tensor:
+        B, T, _ = x.size()
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k, v)  # (B, nkv, T_past + T, hs)
+        group = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(group, dim=1)  # (B, nh, T_k, hs): query head h reads kv head h // group
+        v = v.repeat_interleave(group, dim=1)  # (B, nh, T_k, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, C)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None = None) -> Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class LlamaModel(nn.Module):
+    """The trunk: token ids (B, T) -> normalised hidden states (B, T, C)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.n_layers)])
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        T = input_ids.size(1)
+        past = 0 if cache is None else cache.length  # positions already in the cache
+        if past + T > self.config.max_seq_len:
+            raise ValueError(f"LLaMA: sequence of length {past + T} is longer than max_seq_len {self.config.max_seq_len}")
+        cos, sin = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, input_ids.device, past)  # (T, hs)
+        mask = cached_causal_mask(cache, attention_mask, T, input_ids.device)  # (B, 1, T, T), (T, past + T) or None
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        for layer in self.layers:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """LLaMA language model: logits (B, T, vocab) and the next-token loss."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                # N(0, 0.02), output projections scaled by 1/sqrt(2 n_layers) as in GPT-2
+                std = 0.02 / math.sqrt(2 * config.n_layers) if name.endswith(("o_proj", "down_proj")) else 0.02
+                nn.init.normal_(module.weight, std=std)
+
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None, attention_mask: Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+        """targets (B, T) are the labels aligned with input_ids; shifted here, -100 ignored.
+        cache: a KVCache that generation fills and reads (see trainers.models.common)."""
+        logits = self.lm_head(self.model(input_ids, attention_mask, cache))  # (B, T, V)
+        loss = next_token_loss(logits, targets) if targets is not None else None
+        return logits, loss
+
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None) -> Tensor:
+        return generate(self, idx, max_new_tokens, temperature, top_k, self.config.max_seq_len)

@@ -1,0 +1,408 @@
+"""The training loop: one visible loop in a fixed order, as nanoGPT's train.py.
+
+Per optimizer step:
+    1. set the learning rate (warm-up, then cosine / linear / constant; trainers/optim.py)
+    2. evaluate and checkpoint when due
+    3. forward/backward over `grad_accum` micro-batches under autocast, each loss divided
+       by `grad_accum` and with the allocator's regulariser (AdaLoRA orthogonality, L1) added
+    4. allocator.on_step (gradients present: importance, curvature)
+    5. clip the gradient norm
+    6. optimizer.step()
+    7. allocator.after_step (masking, rank changes)
+    8. zero_grad(set_to_none=True), log
+
+Device and autocast dtype are chosen once (trainers.device.Runtime); the model is
+moved there and batches (CPU tensors) follow. The optimizer is AdamW over the
+parameters with `requires_grad` only, so a LoRA run keeps no moments for the
+frozen base.
+
+Checkpoints (out_dir/checkpoint.pt, written atomically) hold the trainable
+parameters, the adapter layers' buffers (masks), every low-rank layer's rank,
+the optimizer, the allocator, the RNG states, the data position and the logs:
+enough for `resume=True` to continue to the same losses, bit for bit, as a run
+that never stopped. That needs `batches(epoch)` to yield the same batches for
+the same epoch (seed any shuffling by the epoch, as `epoch_batches` does).
+"""
+from __future__ import annotations
+
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from trainers.device import Runtime
+from trainers.optim import SCHEDULES, lr_at, make_optimizer
+from trainers.results import atomic_torch_save
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200                # optimizer steps
+    batch_size: int = 8             # examples per micro-batch (used by whoever builds `batches`)
+    grad_accum: int = 1             # micro-batches per optimizer step
+    lr: float = 1e-3                # peak learning rate
+    weight_decay: float = 0.0       # decoupled (AdamW) weight decay
+    warmup_steps: int = 10          # linear warm-up steps
+    schedule: str = "cosine"        # "cosine" | "linear" | "constant" after warm-up
+    clip: float = 1.0               # max global gradient norm; 0 disables clipping
+    eval_every: int = 50            # evaluate every N steps (and always at the end); 0: only at the end
+    log_every: int = 10             # progress-bar refresh every N steps (loss_log keeps every step)
+    checkpoint_every: int = 0       # checkpoint every N steps into out_dir; 0: never
+    seed: int = 0                   # seeds torch before the loop (dropout, sampling)
+    device: str | None = None       # None: CUDA, then MPS, then CPU
+    dtype: str | None = None        # autocast dtype; None: bf16/fp16 on accelerators, fp32 on CPU
+    grad_checkpointing: bool = False  # recompute activations in backward (model must support it)
+    paged_adamw: bool = False       # AdamW with moments in (pinned) CPU memory, trainers/optim.py
+    progress: bool = True           # tqdm bar with loss and tokens/s
+    min_lr_ratio: float = 0.1       # cosine/linear decay ends at lr * min_lr_ratio
+
+
+@dataclass
+class TrainResult:
+    loss_log: list[dict] = field(default_factory=list)   # {step, loss, lr} for every step
+    eval_log: list[dict] = field(default_factory=list)   # {step, **evaluate(model)}
+    metrics: dict = field(default_factory=dict)          # final eval + params, bytes, memory, time, throughput
+    final_loss: float = float("nan")                     # training loss of the last step
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss became NaN or infinite (before the optimizer step)."""
+
+    def __init__(self, step: int, loss: float, checkpoint: Path | None):
+        self.step, self.loss, self.checkpoint = step, loss, checkpoint
+        where = (f"the last good checkpoint is {str(checkpoint)!r}" if checkpoint is not None
+                 else "no checkpoint was written (set checkpoint_every and out_dir to keep one)")
+        super().__init__(f"training stopped: the loss is {loss} at step {step}; the parameters were not "
+                         f"updated with it and {where}. Try a lower lr, clipping, or fp32.")
+
+
+def epoch_batches(tensors: dict[str, torch.Tensor], batch_size: int, *, shuffle: bool = True,
+                  seed: int = 0, drop_last: bool = True) -> Callable[[int], Iterator[dict]]:
+    """`batches(epoch)` over equal-length tensors (first dim = examples), shuffled by a
+    generator seeded with (seed, epoch), so an epoch can be replayed exactly."""
+    n = len(next(iter(tensors.values())))
+    for name, t in tensors.items():
+        if len(t) != n:
+            raise ValueError(f"epoch_batches: {name!r} has {len(t)} rows, expected {n} like the others")
+    if n < batch_size and drop_last:
+        raise ValueError(f"epoch_batches: {n} examples is fewer than batch_size={batch_size}")
+
+    def batches(epoch: int) -> Iterator[dict]:
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+                 if shuffle else torch.arange(n))
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            idx = order[start:start + batch_size]
+            yield {name: t[idx] for name, t in tensors.items()}
+    return batches
+
+
+# ----------------------------------------------------------------------------- records
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured): the CUDA allocator's peak, the MPS driver's current
+    allocation, or the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    if device.type == "mps":
+        return int(torch.mps.driver_allocated_memory()), "mps_driver_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
+
+
+def trainable_bytes(model: nn.Module) -> int:
+    """Bytes of the trainable parameters: what an adapter file (or a full fine-tune) stores."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def _low_rank_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from lora.model import adapter_layers
+    return [(name, layer) for name, layer in adapter_layers(model) if hasattr(layer, "resize")]
+
+
+def _adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that belong to adapters (sparsity masks, AdaLoRA's rank mask), not to the bases."""
+    from lora.model import adapter_layers
+    out = {}
+    for name, layer in adapter_layers(model):
+        for bname, buf in layer.named_buffers():
+            if not bname.startswith("base_layer."):
+                out[f"{name}.{bname}"] = buf
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, model, optimizer, allocator, scaler, *, step: int, position: dict,
+                     loss_log: list, eval_log: list, cfg: TrainConfig) -> None:
+    trainable = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    bad = [n for n, t in trainable.items() if not torch.isfinite(t).all()]
+    if bad:  # never replace a good checkpoint with a broken state
+        raise RuntimeError(f"checkpoint at step {step}: parameters {bad[:3]} hold NaN/inf; "
+                           f"kept the previous checkpoint {str(path)!r}")
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {
+        "step": step, "position": dict(position), "config": asdict(cfg),
+        "trainable": trainable,
+        "adapter_buffers": {n: b.detach().to("cpu", copy=True) for n, b in _adapter_buffers(model).items()},
+        "ranks": {n: int(layer.rank) for n, layer in _low_rank_layers(model)},
+        "optimizer": optimizer.state_dict(),
+        "optimizer_param_names": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups],
+        "allocator": allocator.state_dict() if allocator is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_state(), "loss_log": list(loss_log), "eval_log": list(eval_log),
+    }
+    atomic_torch_save(path, state)
+
+
+def _load_checkpoint(path: Path, model, allocator, scaler, cfg: TrainConfig):
+    """Restore a checkpoint into `model` and return (optimizer, state). Order matters:
+    ranks first (a dynamic allocator may have resized layers, so the parameter shapes
+    differ from a fresh model's), then parameters, optimizer, allocator, and the RNG
+    last (resizing draws random numbers)."""
+    if not path.exists():
+        raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r} (train with checkpoint_every > 0 first)")
+    state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: holds RNG tuples
+    layers = dict(_low_rank_layers(model)) if state["ranks"] else {}
+    for name, rank in state["ranks"].items():
+        if name not in layers:
+            raise KeyError(f"resume: the checkpoint has a low-rank layer {name!r} the model does not have")
+        if layers[name].rank != rank:
+            layers[name].resize(rank)
+    current = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = state["trainable"]
+    missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+    if missing or extra:
+        raise KeyError(f"resume: trainable parameters differ from the checkpoint's: "
+                       f"missing from it {missing[:5]}, unexpected in it {extra[:5]}")
+    with torch.no_grad():
+        for name, p in current.items():
+            if p.shape != saved[name].shape:
+                raise ValueError(f"resume: {name!r} has shape {tuple(p.shape)}, checkpoint has "
+                                 f"{tuple(saved[name].shape)}")
+            p.copy_(saved[name])
+        buffers = _adapter_buffers(model)
+        for name, value in state["adapter_buffers"].items():
+            if name not in buffers or buffers[name].shape != value.shape:
+                raise KeyError(f"resume: adapter buffer {name!r} is missing or has another shape in the model")
+            buffers[name].copy_(value)
+    params = dict(model.named_parameters())
+    order = [params[n] for group in state["optimizer_param_names"] for n in group]
+    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.paged_adamw,
+                               params=order)
+    optimizer.load_state_dict(state["optimizer"])
+    if allocator is not None and state["allocator"] is not None:
+        allocator.load_state_dict(state["allocator"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return optimizer, state
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _enable_grad_checkpointing(model: nn.Module) -> None:
+    """trainers.models read `config.gradient_checkpointing`; HF-style models have a method."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "gradient_checkpointing"):
+        config.gradient_checkpointing = True
+    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+        model.gradient_checkpointing_enable()
+    else:
+        raise ValueError(f"grad_checkpointing: {type(model).__name__} has neither config.gradient_checkpointing "
+                         f"nor gradient_checkpointing_enable(); use a model from trainers.models or set "
+                         f"grad_checkpointing=False")
+
+
+def _evaluate(model: nn.Module, evaluate: Callable, rt: Runtime, step: int) -> dict:
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        out = evaluate(model)
+    model.train()
+    return {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)
+                             for k, v in out.items()}}
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.steps < 1 or cfg.grad_accum < 1 or cfg.batch_size < 1:
+        raise ValueError(f"TrainConfig: steps, grad_accum and batch_size must be >= 1, got "
+                         f"{cfg.steps}, {cfg.grad_accum}, {cfg.batch_size}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"TrainConfig.schedule: expected one of {SCHEDULES}, got {cfg.schedule!r}")
+    if min(cfg.eval_every, cfg.log_every, cfg.checkpoint_every, cfg.warmup_steps) < 0 or cfg.clip < 0:
+        raise ValueError("TrainConfig: eval_every, log_every, checkpoint_every, warmup_steps and clip must be >= 0")
+
+
+def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: TrainConfig, *,
+          evaluate: Callable[[nn.Module], dict] | None = None, allocator=None,
+          out_dir: Path | None = None, resume: bool = False) -> TrainResult:
+    """Train the trainable parameters of `model` on `batches(epoch)` for `cfg.steps` steps.
+
+    `model(input_ids, targets=labels, attention_mask=mask) -> (logits, loss)`.
+    `evaluate(model) -> dict` runs under no_grad in eval mode. Raises
+    NonFiniteLossError when the loss becomes NaN/inf."""
+    _check_config(cfg)
+    rt = Runtime.create(cfg.device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    model.to(rt.device)
+    if cfg.grad_checkpointing:
+        _enable_grad_checkpointing(model)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler() else None
+    ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    if resume and ckpt_path is None:
+        raise ValueError("train: resume=True needs out_dir (where checkpoint.pt lives)")
+
+    start_step, position, loss_log, eval_log = 0, {"epoch": 0, "batches_done": 0}, [], []
+    if resume:
+        optimizer, state = _load_checkpoint(ckpt_path, model, allocator, scaler, cfg)
+        start_step, position = state["step"], state["position"]
+        loss_log, eval_log = state["loss_log"], state["eval_log"]
+    else:
+        optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.paged_adamw)
+    model.zero_grad(set_to_none=True)   # e.g. gradients left by a sensitivity pass in prepare()
+
+    # the data stream: batches(epoch), restarted with epoch + 1 when it runs out
+    stream = iter(batches(position["epoch"]))
+    for _ in range(position["batches_done"]):
+        next(stream)
+
+    def next_batch() -> dict:
+        nonlocal stream
+        for attempt in range(2):
+            try:
+                batch = next(stream)
+                position["batches_done"] += 1
+                return batch
+            except StopIteration:
+                position["epoch"] += 1
+                position["batches_done"] = 0
+                stream = iter(batches(position["epoch"]))
+        raise ValueError(f"batches({position['epoch']}) yielded no batch")
+
+    model.train()
+    tokens = examples = 0
+    train_time = 0.0
+    wall_start = time.perf_counter()
+    last_loss = float("nan")
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not cfg.progress, leave=False)
+    for step in range(start_step, cfg.steps):
+        # 1. learning rate
+        lr = lr_at(step, lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+                   schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # 2. evaluate / checkpoint (a resumed run did both before saving this step)
+        if not (resume and step == start_step):
+            if evaluate is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0:
+                eval_log.append(_evaluate(model, evaluate, rt, step))
+            if ckpt_path is not None and cfg.checkpoint_every > 0 and step > 0 and step % cfg.checkpoint_every == 0:
+                _save_checkpoint(ckpt_path, model, optimizer, allocator, scaler, step=step, position=position,
+                                 loss_log=loss_log, eval_log=eval_log, cfg=cfg)
+        t0 = time.perf_counter()
+        # 3. forward/backward with accumulation
+        step_loss = torch.zeros((), device=rt.device)     # task loss, for the log
+        step_total = torch.zeros((), device=rt.device)    # what was differentiated (+ regulariser)
+        for _ in range(cfg.grad_accum):
+            batch = next_batch()
+            input_ids = batch["input_ids"].to(rt.device, non_blocking=True)
+            labels = batch["labels"].to(rt.device, non_blocking=True)
+            mask = batch.get("attention_mask")
+            mask = mask.to(rt.device, non_blocking=True) if mask is not None else None
+            with rt.autocast():
+                logits, loss = model(input_ids, targets=labels, attention_mask=mask)
+                total = loss if allocator is None else loss + allocator.regularization(model)
+                total = total / cfg.grad_accum
+            (scaler.scale(total) if scaler is not None else total).backward()
+            step_loss += loss.detach().float() / cfg.grad_accum
+            step_total += total.detach().float()
+            tokens += int(mask.sum()) if mask is not None else input_ids.numel()
+            examples += input_ids.shape[0]
+            # Drop every handle on the graph now: it holds activations, and a live graph keeps
+            # autograd's per-parameter accumulators, which remember the shapes of parameters that a
+            # dynamic allocator may resize in after_step.
+            del logits, loss, total
+        last_loss = step_loss.item()
+        if not (math.isfinite(last_loss) and math.isfinite(step_total.item())):
+            bar.close()
+            optimizer.zero_grad(set_to_none=True)
+            good = ckpt_path if ckpt_path is not None and ckpt_path.exists() else None
+            raise NonFiniteLossError(step, last_loss if not math.isfinite(last_loss) else step_total.item(), good)
+        if scaler is not None:
+            scaler.unscale_(optimizer)           # hooks and clipping see true gradients
+        # 4. allocator sees the gradients
+        if allocator is not None:
+            allocator.on_step(step, model, optimizer)
+        # 5. clip
+        if cfg.clip > 0:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        # 6. step
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        # 7. allocator after the step (masking, rank changes)
+        if allocator is not None:
+            allocator.after_step(step, model, optimizer)
+        # 8. zero_grad, log
+        optimizer.zero_grad(set_to_none=True)
+        rt.synchronize()
+        train_time += time.perf_counter() - t0
+        loss_log.append({"step": step, "loss": last_loss, "lr": lr})
+        bar.update(1)
+        if cfg.log_every > 0 and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / max(train_time, 1e-9):.0f}")
+    bar.close()
+
+    final_eval = _evaluate(model, evaluate, rt, cfg.steps) if evaluate is not None else {}
+    if final_eval:
+        eval_log.append(final_eval)
+    if ckpt_path is not None and cfg.checkpoint_every > 0:
+        _save_checkpoint(ckpt_path, model, optimizer, allocator, scaler, step=cfg.steps, position=position,
+                         loss_log=loss_log, eval_log=eval_log, cfg=cfg)
+    if allocator is not None:
+        allocator.finish(cfg.steps)
+
+    from lora.model import count_parameters
+    trainable, total_params = count_parameters(model)
+    memory, memory_kind = peak_memory(rt.device)
+    if loss_log:
+        last_loss = loss_log[-1]["loss"]
+    metrics = {k: v for k, v in final_eval.items() if k != "step"}
+    metrics.update({
+        "final_loss": last_loss, "trainable_params": trainable, "total_params": total_params,
+        "trainable_pct": 100.0 * trainable / max(total_params, 1), "adapter_bytes": trainable_bytes(model),
+        "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
+        "wall_time_s": time.perf_counter() - wall_start, "train_time_s": train_time,
+        "tokens_per_s": tokens / train_time if train_time > 0 else 0.0,
+        "examples_per_s": examples / train_time if train_time > 0 else 0.0,
+        "steps": cfg.steps, "device": str(rt.device), "autocast_dtype": str(rt.autocast_dtype).replace("torch.", ""),
+    })
+    return TrainResult(loss_log=loss_log, eval_log=eval_log, metrics=metrics, final_loss=last_loss)
