@@ -130,7 +130,8 @@ def resize_with_state(layer: nn.Module, new_rank: int, optimizer=None) -> None:
     if new_rank == old_rank:
         return
     pA, pB = layer.lora_A, layer.lora_B
-    A0, B0 = pA.detach().float().clone(), pB.detach().float().clone()           # (r, in), (out, r)
+    work = torch.promote_types(pA.dtype, torch.float32)                         # fp32, or fp64 if given
+    A0, B0 = pA.detach().to(work).clone(), pB.detach().to(work).clone()         # (r, in), (out, r)
     layer.resize(new_rank)
     _move_param(optimizer, pA, layer.lora_A)    # in case the layer made new Parameters itself
     _move_param(optimizer, pB, layer.lora_B)
@@ -154,17 +155,17 @@ def resize_with_state(layer: nn.Module, new_rank: int, optimizer=None) -> None:
             optimizer.state[pB] = _map_state(stB, B0.shape, lambda m: grow_cols(m, ratio),
                                              lambda v: grow_cols(v, ratio ** 2))
         return
-    P = torch.linalg.pinv(B0, rtol=1e-5) @ pB.detach().float()                  # (r, k): B' = B P
-    T = pA.detach().float() @ torch.linalg.pinv(A0, rtol=1e-5)                  # (k, r): A' = T A
+    P = torch.linalg.pinv(B0, rtol=1e-5) @ pB.detach().to(work)                 # (r, k): B' = B P
+    T = pA.detach().to(work) @ torch.linalg.pinv(A0, rtol=1e-5)                 # (k, r): A' = T A
     Pt, Tt = P.t(), T.t()
     if stA:
         optimizer.state[pA] = _map_state(
-            stA, A0.shape, lambda m: (ratio * (Pt @ m.float())).to(m.dtype),    # (k, in)
-            lambda v: (ratio ** 2 * (Pt.square() @ v.float())).to(v.dtype))
+            stA, A0.shape, lambda m: (ratio * (Pt @ m.to(work))).to(m.dtype),   # (k, in)
+            lambda v: (ratio ** 2 * (Pt.square() @ v.to(work))).to(v.dtype))
     if stB:
         optimizer.state[pB] = _map_state(
-            stB, B0.shape, lambda m: (ratio * (m.float() @ Tt)).to(m.dtype),    # (out, k)
-            lambda v: (ratio ** 2 * (v.float() @ Tt.square())).to(v.dtype))
+            stB, B0.shape, lambda m: (ratio * (m.to(work) @ Tt)).to(m.dtype),   # (out, k)
+            lambda v: (ratio ** 2 * (v.to(work) @ Tt.square())).to(v.dtype))
 
 
 class RankController:

@@ -37,8 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lora.base import AdapterLayer
-from lora.model import (ADAPTER_CLASSES, METHODS, LoraConfig, find_modules_to_save, name_matches,
-                        modules_outside_adapters, pattern_value, adapter_layers, build_adapters, install_adapters)
+from lora.model import (ADAPTER_CLASSES, METHODS, LoraConfig, adapter_layers, build_adapters, find_modules_to_save,
+                        install_adapters, modules_outside_adapters, name_matches, pattern_value)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -272,6 +272,8 @@ def read_config(path) -> LoraConfig:
                           bias=meta.get("bias", "none"), modules_to_save=tuple(meta.get("modules_to_save") or ()))
     except KeyError as err:
         raise ValueError(f"load_adapter: {file} lacks the field {err}") from None
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"load_adapter: {file}: {err}") from None
 
 
 def read_tensors(path) -> dict[str, torch.Tensor]:

@@ -96,10 +96,14 @@ def resized_low_rank(A: Tensor, B: Tensor, new_rank: int) -> tuple[Tensor, Tenso
     # Shrink: thin SVD of the (out, in) product via the factors, never forming more than needed.
     delta = B.float() @ A.float()                                                 # (out, in)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    root = S[:new_rank].sqrt()
-    B_new = U[:, :new_rank] * root                                                # (out, k)
-    A_new = root[:, None] * Vh[:new_rank]                                         # (k, in)
-    return A_new.to(A.dtype), B_new.to(B.dtype)
+    kept = min(new_rank, S.numel())   # the product has at most min(out, in) directions
+    root = S[:kept].sqrt()
+    B_new = U[:, :kept] * root                                                    # (out, kept)
+    A_new = root[:, None] * Vh[:kept]                                             # (kept, in)
+    A_new, B_new = A_new.to(A.dtype), B_new.to(B.dtype)
+    if kept < new_rank:               # pad as when growing: the extra directions start at zero
+        return resized_low_rank(A_new, B_new, new_rank)
+    return A_new, B_new
 
 
 def _set_data(param: nn.Parameter, data: Tensor) -> None:
@@ -233,6 +237,12 @@ class LowRankAdapter(AdapterLayer):
         Shrinking: top singular directions of the current update (see
         `resized_low_rank`). The same nn.Parameter objects are kept (their `.data`
         is swapped and `.grad` cleared); optimizer state must be carried by the caller.
+
+        Autograd caveat: a graph built before the resize (say last step's `loss`,
+        still referenced) remembers the old shapes, and a later backward through
+        these Parameters then fails. Drop such references first, or resize during
+        training with `allocation.controller.resize_with_state`, which also moves
+        the optimizer state and re-registers fresh Parameters.
         """
         check_rank(new_rank, f"{type(self).__name__}.resize")
         if self.merged:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from .layers import Linear4bit, Linear8bit
-from .model import _replace
+from .model import replace_module
 
 METADATA_KEY = "nanopeft.quantization"
 
@@ -80,7 +80,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
             raise ValueError(f"load_quantized: {name} is {old.in_features}->{old.out_features} in the model, "
                              f"{spec['in_features']}->{spec['out_features']} in {path}")
-        _replace(model, name, empty_layer(spec).to(device))
+        replace_module(model, name, empty_layer(spec).to(device))
     missing, unexpected = load_model(model, str(path), strict=True, device=str(device))
     assert not missing and not unexpected, (missing, unexpected)
     return model

@@ -27,16 +27,19 @@ class DequantLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None,
                 dequant: Callable[[torch.dtype], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        ctx.dequant, ctx.dtype = dequant, dtype
+        ctx.dequant, ctx.dtype, ctx.x_dtype = dequant, dtype, x.dtype
+        ctx.b_dtype = None if bias is None else bias.dtype
         return F.linear(x, dequant(dtype), bias)          # the (out, in) weight dies here
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
+        # grad_y may come back in another dtype (autocast ran the forward matmul): cast to
+        # the compute dtype here and hand each gradient back in its input's dtype.
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ ctx.dequant(ctx.dtype)       # (..., out) @ (out, in)
+            grad_x = (grad_y.to(ctx.dtype) @ ctx.dequant(ctx.dtype)).to(ctx.x_dtype)   # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:                        # only if someone unfroze the bias
-            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.b_dtype)
         return grad_x, grad_b, None, None
 
 

@@ -16,8 +16,6 @@ import torch.nn as nn
 
 from .layers import Linear4bit, Linear8bit, _FrozenQuantLinear
 
-QUANTIZED_TYPES = (Linear4bit, Linear8bit)
-
 
 def name_matches(name: str, pattern: str) -> bool:
     """Exact name, dotted suffix, or full-match regex."""
@@ -47,7 +45,7 @@ def _tied_weight_ids(model: nn.Module) -> set[int]:
     return {i for i, c in seen.items() if c > 1}
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -60,6 +58,9 @@ def plan_quantization(model: nn.Module, bits: int | dict[str, int] = 4,
     names = [n for n, _ in linears]
     if not linears:
         raise ValueError(f"quantize_model: {type(model).__name__} has no nn.Linear layers to quantize")
+    if names[0] == "":
+        raise ValueError("quantize_model: the model itself is an nn.Linear and cannot be replaced in place; "
+                         "use Linear4bit.from_linear(...) or Linear8bit.from_linear(...)")
     if isinstance(bits, dict):
         for pattern, b in bits.items():
             _check_bits(b, f"quantize_model bits[{pattern!r}]")
@@ -105,15 +106,22 @@ def quantize_model(model: nn.Module, bits: int | dict[str, int] = 4, skip: list[
 
 def apply_plan(model: nn.Module, plan: dict[str, int], compute_dtype: torch.dtype | None = None,
                blocksize: int = 64, double_quant: bool = True) -> None:
-    """Swap each nn.Linear named in `plan` for its quantized version."""
+    """Swap each nn.Linear named in `plan` for its quantized version.  All layers are built
+    before the first swap, so a bad weight (NaN/inf) leaves the model untouched."""
+    built = {}
     for name, b in plan.items():
         linear = model.get_submodule(name)
-        if b == 4:
-            new = Linear4bit.from_linear(linear, compute_dtype=compute_dtype, blocksize=blocksize,
-                                         double_quant=double_quant)
-        else:
-            new = Linear8bit.from_linear(linear, compute_dtype=compute_dtype)
-        _replace(model, name, new.to(linear.weight.device))
+        try:
+            if b == 4:
+                new = Linear4bit.from_linear(linear, compute_dtype=compute_dtype, blocksize=blocksize,
+                                             double_quant=double_quant)
+            else:
+                new = Linear8bit.from_linear(linear, compute_dtype=compute_dtype)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"quantize_model: layer {name!r}: {e}") from e
+        built[name] = new.to(linear.weight.device)
+    for name, new in built.items():
+        replace_module(model, name, new)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,14 +13,7 @@ from trainers.checkpoints import (hf_key_map, load_hf_model, load_llama2c, permu
 from trainers.models import MODELS, build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation, which
-    on a busy shared machine costs more than the work (generation ran ~15x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 FAMILY = {"gpt2": "gpt2", "gpt2-cls": "gpt2", "distilbert-cls": "distilbert", "distilbert-qa": "distilbert",
           "llama": "llama"}
@@ -151,6 +144,37 @@ def test_no_weights_corrupt_files_and_bad_names(tmp_path):
         resolve_source(str(tmp_path / "absent"))
     with pytest.raises(NotADirectoryError):
         resolve_source(tmp_path / "good" / "config.json")
+
+
+def test_hub_ids_go_through_snapshot_download(tmp_path, monkeypatch):
+    """No network here: snapshot_download is replaced, once by a fake hub, once by a failure."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    model = tiny("gpt2")
+    write_folder(tmp_path / "hub", "gpt2", model)
+    calls = []
+
+    def fake_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path / "hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    loaded = load_hf_model("someone/tiny-gpt2")
+    assert calls[0][0] == "someone/tiny-gpt2" and "*.safetensors" in calls[0][1]
+    torch.testing.assert_close(loaded.eval()(X)[0], model(X)[0])
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="not a local folder, and fetching it .* failed.*no network"):
+        load_hf_model("someone/tiny-gpt2")
+
+
+def test_load_in_bfloat16(tmp_path):
+    model = tiny("llama")
+    loaded = load_hf_model(write_folder(tmp_path, "llama", model), dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(loaded(X)[0].float(), model(X)[0], atol=0.1, rtol=0.05)
 
 
 # ----------------------------------------------------------------------------- llama2.c

@@ -92,3 +92,13 @@ def test_plots_subcommand_redraws(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(trainers.plots, "redraw", lambda results: [results / "loss_curves.png"])
     assert cli.main(["plots", "--results", str(tmp_path)]) == 0
     assert "loss_curves.png" in capsys.readouterr().out
+
+
+def test_ablate_subcommand_calls_the_ablations(monkeypatch):
+    import trainers.ablations
+    seen = []
+    monkeypatch.setattr(trainers.ablations, "main", lambda argv=None, kind=None: seen.append(argv) or 0)
+    assert cli.main(["ablate", "rank", "--task", "planted", "--steps", "5"]) == 0
+    assert seen == [["rank", "--task", "planted", "--steps", "5"]]
+    with pytest.raises(SystemExit):
+        cli.main(["ablate", "width"])

@@ -16,7 +16,7 @@ from trainers.experiments import (CONFIGS, ExperimentConfig, SparsityAllocator, 
                                   prepare, run_experiment)
 from trainers.models import GPT2Config, build_model
 from trainers.results import MISSING, SUMMARY_COLUMNS, write_summary
-from trainers.train import TrainConfig
+from trainers.train import TrainConfig, train
 
 ALL_BLOCK_LINEARS = ("c_attn", "c_proj", "c_fc")   # 'c_proj' matches attn.c_proj and mlp.c_proj
 
@@ -228,3 +228,78 @@ def test_evaluator_matches_a_direct_computation():
     with torch.no_grad():
         preds = model(torch.tensor(task.eval["input_ids"]))[0].argmax(-1)
     assert got["accuracy"] == pytest.approx((preds == torch.tensor(task.eval["labels"])).float().mean().item())
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("config", ["DRaFT-Q", "B-Ada"])
+def test_resume_with_a_real_adaptive_allocator_is_exact(tmp_path, config):
+    """DRaFT-Q resizes layers and AdaLoRA masks them during the run: the checkpoint's ranks
+    are restored before its parameters, and the resumed run reaches the same losses."""
+    task = synthetic_task()
+    cfg = TrainConfig(steps=18, batch_size=8, lr=1e-2, warmup_steps=2, eval_every=0, checkpoint_every=6,
+                      progress=False, device="cpu")
+
+    def batches(epoch):
+        return task.batches("train", 8, shuffle=True, seed=epoch, drop_last=True)
+
+    def crashing(epoch, count=[0]):
+        for batch in batches(epoch):
+            if count[0] == 14:
+                raise Crash()
+            count[0] += 1
+            yield batch
+
+    def fresh():
+        torch.manual_seed(0)
+        return prepare(tiny_lm(), get_config(config), steps=cfg.steps)
+
+    model, alloc = fresh()
+    full = train(model, batches, cfg, allocator=alloc, out_dir=tmp_path / "a")
+    model, alloc = fresh()
+    with pytest.raises(Crash):
+        train(model, crashing, cfg, allocator=alloc, out_dir=tmp_path / "b")
+    model, alloc = fresh()
+    resumed = train(model, batches, cfg, allocator=alloc, out_dir=tmp_path / "b", resume=True)
+    assert [r["loss"] for r in resumed.loss_log] == [r["loss"] for r in full.loss_log]
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 18
+    if config == "DRaFT-Q":
+        assert any(r != 4 for r in saved["ranks"].values())   # the ranks did change during the run
+
+
+def test_summary_of_foreign_or_missing_runs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no run"):
+        write_summary(tmp_path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.json").write_text(json.dumps({"final_loss": 1.5, "steps": 3}))
+    (tmp_path / "not-a-run").mkdir()
+    csv_path, _ = write_summary(tmp_path)
+    with open(csv_path) as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["run"] == "other" and row["final_loss"] == "1.5" and row["steps"] == "3"
+    assert row["config"] == MISSING and row["tokens_per_s"] == MISSING      # stated, never an empty cell
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_summarization_evaluator_scores_greedy_continuations():
+    """ROUGE-L of what the model generates after each prompt, against the references."""
+    class Chars:                                     # token i <-> the character chr(97 + i % 26)
+        eos_id = 0
+
+        def decode(self, ids):
+            return " ".join(chr(97 + i % 26) for i in ids)
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 97, (6,), generator=g).tolist() for _ in range(3)]
+    model = tiny_lm().eval()
+    continuations = [model.generate(torch.tensor([p]), 4, temperature=0.0)[0, 6:].tolist() for p in prompts]
+    refs = [Chars().decode(c[:c.index(0)] if 0 in c else c) for c in continuations]
+    refs[2] = "zzz qqq"                              # one reference the model cannot match
+    cols = {"input_ids": prompts, "labels": prompts, "prompt_ids": prompts, "references": refs}
+    task = TaskData(spec=get_task("news_summary"), train=cols, eval=cols, pad_id=0, max_length=12, block_size=12,
+                    source="synthetic", eval_from="synthetic")
+    got = make_evaluator(task, tokenizer=Chars(), max_new_tokens=4)(model)
+    assert got["rouge_l"] == pytest.approx(2 / 3)

@@ -286,7 +286,6 @@ def test_merge_in_place_then_unmerge_restores_weights(method):
         merge_adapters(model)
         assert all(layer.merged for _, layer in adapter_layers(model))
         torch.testing.assert_close(model(idx), want, rtol=1e-4, atol=1e-5)
-        # merge_lora_weights of an in-place merged model must not add the update twice
         unmerge_lora_weights(model)
     assert not any(layer.merged for _, layer in adapter_layers(model))
     for n, p in model.named_parameters():

@@ -135,3 +135,15 @@ def test_resize_in_half_precision(kind, dtype):
     scale = max(1.0, float(y.float().abs().max()))
     assert float((y_grow.float() - y.float()).abs().max()) <= tol * scale
     assert float((y_back.float() - y.float()).abs().max()) <= 3 * tol * scale
+
+
+def test_shrink_to_more_than_the_smaller_dimension_keeps_the_requested_rank():
+    layer = LoRALinear(nn.Linear(3, 5), rank=6)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        y = layer(x)
+        layer.resize(4)                   # product has rank <= 3 < 4: nothing is lost
+        assert layer.rank == 4
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)

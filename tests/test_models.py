@@ -13,14 +13,7 @@ from trainers.models import MODELS, DistilBertConfig, GPT2Config, LlamaConfig, b
 from trainers.models.llama import apply_rope, rope_cos_sin
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation, which
-    on a busy shared machine costs more than the work (generation ran ~15x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    yield
-    torch.set_num_threads(threads)
+
 
 CAUSAL = ["gpt2", "llama"]
 
@@ -207,12 +200,29 @@ def test_generate_greedy_topk_and_sampling(kind):
     assert a.max() < model.config.vocab_size
 
 
-def test_generate_crops_to_context_length():
-    model = tiny("gpt2", block_size=8)
+@pytest.mark.parametrize("kind, length", [("gpt2", "block_size"), ("llama", "max_seq_len")])
+def test_generation_slides_its_window_past_the_context_length(kind, length):
+    """Past the context length each token is the argmax over the last `length` tokens."""
+    model = tiny(kind, **{length: 8})
     out = model.generate(ids(1, 6), 5, temperature=0)
     assert out.shape == (1, 11)
-    with pytest.raises(ValueError, match="block_size"):
+    for t in range(6, 11):
+        assert torch.equal(out[:, t], model(out[:, max(0, t - 8):t])[0][:, -1].argmax(-1))
+    with pytest.raises(ValueError, match=length):
         model(ids(1, 9))
+
+
+def test_kv_cache_steps_equal_one_full_pass():
+    """Feeding a sequence in chunks through a KVCache gives the logits of one full pass."""
+    from trainers.models.common import KVCache
+    for kind in CAUSAL:
+        model, x = tiny(kind), ids(2, 10)
+        cache = KVCache()
+        chunks = [model(x[:, a:b], cache=cache)[0] for a, b in [(0, 4), (4, 5), (5, 10)]]
+        torch.testing.assert_close(torch.cat(chunks, dim=1), model(x)[0], atol=1e-5, rtol=1e-4)
+        assert cache.length == 10
+        with pytest.raises(ValueError, match="KV cache"):
+            model(x[:, :1], attention_mask=torch.ones(2, 1), cache=cache)
 
 
 def test_training_lowers_loss_on_a_repeated_batch():
@@ -238,3 +248,13 @@ def test_llama_left_padding_matches_unpadded():
     out = model(padded, attention_mask=mask)[0]
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[:, 3:], model(x)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_default_configs_have_the_published_sizes():
+    """GPT-2 small 124M, DistilBERT-base 66M (encoder), TinyLlama 1.1B: counted on the meta
+    device, which allocates nothing."""
+    with torch.device("meta"):
+        gpt2, bert, llama = build_model("gpt2"), build_model("distilbert-cls"), build_model("llama")
+    assert sum(p.numel() for p in gpt2.parameters()) == 124_439_808
+    assert sum(p.numel() for p in bert.distilbert.parameters()) == 66_362_880
+    assert sum(p.numel() for p in llama.parameters()) == 1_100_048_384

@@ -119,3 +119,15 @@ def test_bad_layers():
         Linear8bit.from_linear(lin)
     with pytest.raises(ValueError, match="blocksize"):
         Linear4bit(8, 8, blocksize=100)
+
+
+@pytest.mark.parametrize("name, make", LAYERS[::2])
+def test_autocast_forward_and_backward(name, make):
+    q = make(nn.Linear(64, 32))
+    x = torch.randn(5, 64, requires_grad=True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        y = q(x)                                            # the matmul runs in bf16 under autocast
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32
+    ref = torch.ones(5, 32) @ q.dequantize(torch.float32)
+    assert torch.allclose(x.grad, ref, rtol=2e-2, atol=2e-2)

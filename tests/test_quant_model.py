@@ -69,11 +69,16 @@ def test_bad_patterns_and_models():
         quantize_model(Tiny(), skip=["nope"])
     with pytest.raises(ValueError, match="no nn.Linear"):
         quantize_model(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="from_linear"):
+        quantize_model(nn.Linear(4, 4))
     model = Tiny()
     with torch.no_grad():
         model.head.weight[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="NaN/inf"):
+    with pytest.raises(ValueError, match="layer 'head'.*NaN/inf"):
         quantize_model(model)
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_model(Tiny(), blocksize=48)
+    assert set(_kinds(model).values()) == {"Linear"}         # nothing half-done
 
 
 def test_memory_report_true_counts():

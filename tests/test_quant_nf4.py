@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from quantization.nf4 import (BLOCKSIZES, NF4Tensor, dequantize_dynamic8, dequantize_nf4, dynamic_map_signed,
+from quantization.nf4 import (NF4Tensor, dequantize_dynamic8, dequantize_nf4, dynamic_map_signed, nearest_nf4_code,
                               nf4_bits_formula, nf4_levels, pack_nibbles, quantize_dynamic8, quantize_nf4,
                               unpack_nibbles)
 
@@ -99,6 +99,14 @@ def test_exact_tie_goes_to_lower_level():
     w = torch.cat([torch.tensor([1.0]), mids])               # absmax 1: scaled == the midpoints exactly
     codes = unpack_nibbles(quantize_nf4(w, 32, double_quant=False).packed, w.numel())
     assert codes[0] == 15 and torch.equal(codes[1:].long(), torch.arange(15))
+
+
+def test_compare_count_equals_bucketize():
+    lv = nf4_levels()
+    mids = (lv[:-1] + lv[1:]) / 2
+    s = torch.cat([torch.rand(5000) * 2 - 1, mids, torch.nextafter(mids, torch.ones(15)),
+                   torch.nextafter(mids, -torch.ones(15)), torch.tensor([-1.0, 0.0, 1.0])])
+    assert torch.equal(nearest_nf4_code(s).int(), torch.bucketize(s, mids, out_int32=True))
 
 
 def test_packing_order_high_nibble_first_and_odd_sizes():

@@ -27,7 +27,7 @@ def shakespeare_run(tmp_path, data_dir, config):
     return before, row
 
 
-@pytest.mark.parametrize("config", ["B-FP", "B-Q4"])
+@pytest.mark.parametrize("config", ["B-FP", pytest.param("B-Q4", marks=pytest.mark.slow)])
 def test_stories260k_lora_on_tiny_shakespeare_lowers_perplexity(tmp_path, stories260k, shared_data, config):
     before, row = shakespeare_run(tmp_path, shared_data, config)
     assert row["metric"] == "perplexity"
@@ -69,3 +69,38 @@ def test_matrix_on_tiny_settings_writes_one_full_row_per_run(tmp_path, shared_da
         assert all(v not in ("", MISSING) for v in r.values()), r
     everything = json.loads((tmp_path / "all_results.json").read_text())
     assert len(everything) == len(configs)
+
+
+@pytest.mark.ref
+def test_a_local_hugging_face_checkpoint_folder_runs(tmp_path, shared_data):
+    """--model <folder with config.json, model.safetensors, tokenizer.json> (as save_pretrained writes)."""
+    transformers = pytest.importorskip("transformers")
+    from trainers.experiments import _task_texts
+    from trainers.tokenization import train_bpe_tokenizer
+    tok = train_bpe_tokenizer(_task_texts("sst2", shared_data, limit=2000), vocab_size=300)
+    folder = tmp_path / "tiny-gpt2"
+    config = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     num_labels=2, pad_token_id=0)
+    transformers.GPT2ForSequenceClassification(config).save_pretrained(folder)
+    tok.save(folder / "tokenizer.json")
+    results = tmp_path / "results"
+    code = cli.main(["run", "--config", "B-FP", "--task", "sst2", "--model", str(folder), "--results", str(results),
+                     "--steps", "6", "--limit", "64", "--max-length", "48", "--eval-examples", "32",
+                     "--no-progress", "--device", "cpu", "--data-dir", str(shared_data)])
+    assert code == 0
+    with open(results / "experiment_summary.csv") as f:
+        row = next(csv.DictReader(f))
+    assert row["model"] == str(folder) and row["metric"] == "accuracy"
+    adapter = json.loads((results / "sst2__B-FP" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(folder)
+
+
+@pytest.mark.slow
+def test_squad_run_with_a_tiny_distilbert_scores_spans(tmp_path, shared_data):
+    cfg = TrainConfig(steps=6, batch_size=8, lr=3e-3, warmup_steps=1, eval_every=0, progress=False, device="cpu")
+    settings = RunSettings(model="distilbert-tiny", max_length=128, limit=48, eval_examples=24,
+                           data_dir=str(shared_data))
+    from trainers.experiments import run_task
+    row = run_task("B-FP", "squad", cfg, tmp_path / "squad", settings)
+    metrics = json.loads((tmp_path / "squad" / "metrics.json").read_text())
+    assert row["metric"] == "f1" and 0.0 <= metrics["f1"] <= 1.0 and 0.0 <= metrics["exact_match"] <= 1.0

@@ -13,14 +13,6 @@ from trainers.checkpoints import hf_key_map, load_hf_model, load_llama2c
 from trainers.tokenization import Llama2cTokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation, which
-    on a busy shared machine costs more than the work (generation ran ~15x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

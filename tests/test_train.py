@@ -341,3 +341,17 @@ def test_bad_config_and_no_trainable_parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train(model, epoch_batches(make_data(), 8), cfg())
+
+
+def test_gradient_checkpointing_gives_the_same_training():
+    from trainers.models import GPT2Config, build_model
+    from lora.model import add_lora_to_model
+    x = torch.randint(0, 97, (32, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = add_lora_to_model(build_model("gpt2", GPT2Config.tiny()), target_modules=["c_attn"], r=4)
+        result = train(model, epoch_batches({"input_ids": x, "labels": x}, 8), cfg(steps=4, grad_checkpointing=ckpt))
+        losses.append([r["loss"] for r in result.loss_log])
+        assert model.config.gradient_checkpointing is ckpt
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

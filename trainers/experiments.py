@@ -6,9 +6,9 @@
     result = train(model, batches, TrainConfig(), allocator=allocator, evaluate=evaluate)
 
 `run_experiment` does that and writes the run folder (trainers/results.py);
-`run_task` first loads a task and a model by name (trainers/runs.py-style helpers
-live at the bottom of this file); `run_matrix` runs tasks x configs and writes the
-summary. The ablations (rank, target modules, memory) are in trainers/ablations.py.
+`run_task` first loads a model and a task by name (`load_model`, `load_task_for`,
+`make_evaluator` below); `run_matrix` runs tasks x configs and writes the summary.
+The ablations (rank, target modules, memory) are in trainers/ablations.py.
 
 Methods and where they come from:
   LoRA (Hu et al. 2021), QLoRA = NF4 + double quantization under LoRA (Dettmers et al. 2023),
@@ -20,15 +20,33 @@ Methods and where they come from:
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_model
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from allocation.adalora import AdaLoRAAllocator, AdaLoRAConfig
+from allocation.allocator import NullAllocator, check_stepped
+from allocation.budget import adapter_params, training_bytes
+from allocation.controller import ControllerConfig, CurvatureRankAllocator
+from allocation.hutchinson import hessian_traces, module_shapes, sensitivity_ranks
+from allocation.precision import choose_precision, total_base_bytes
+from lora.adapter_io import save_adapter
+from lora.model import LoraConfig, adapter_layers, add_lora_to_model, find_targets
+from lora.sparse import SparseLoRALinear, cubic_sparsity
+from quantization.model import quantize_model
+from trainers import metrics, models
+from trainers.checkpoints import config_from_hf, load_hf_model, load_llama2c, read_hf_config, resolve_source
+from trainers.data import get_task, load_task, read_raw
+from trainers.device import pick_device
+from trainers.paths import data_file
 from trainers.results import (atomic_write_json, check_run_dir, prepare_run_dir, summary_row,
                               write_loss_log, write_summary)
+from trainers.tokenization import Llama2cTokenizer, load_tokenizer, train_bpe_tokenizer
 from trainers.train import TrainConfig, train
 
 METHODS = ("lora", "sparse", "hira", "dora", "adalora", "full")
@@ -106,11 +124,11 @@ def get_config(name: str) -> ExperimentConfig:
 # ----------------------------------------------------------------------------- prepare
 
 def model_family(model: nn.Module) -> str | None:
-    from trainers import models as M
-    for family, classes in (("gpt2", (M.GPT2LMHeadModel, M.GPT2ForSequenceClassification, M.GPT2Model)),
-                            ("distilbert", (M.DistilBertForSequenceClassification,
-                                            M.DistilBertForQuestionAnswering, M.DistilBertModel)),
-                            ("llama", (M.LlamaForCausalLM, M.LlamaModel))):
+    m = models
+    for family, classes in (("gpt2", (m.GPT2LMHeadModel, m.GPT2ForSequenceClassification, m.GPT2Model)),
+                            ("distilbert", (m.DistilBertForSequenceClassification,
+                                            m.DistilBertForQuestionAnswering, m.DistilBertModel)),
+                            ("llama", (m.LlamaForCausalLM, m.LlamaModel))):
         if isinstance(model, classes):
             return family
     return None
@@ -152,7 +170,6 @@ def _calibration_batches(calibration, n: int, who: str) -> list[dict]:
 
 def _hessian_traces(model: nn.Module, names: list[str], batches: list[dict], max_probes: int) -> dict:
     """Hutchinson traces of the loss Hessian per module weight, on the full-precision model."""
-    from allocation.hutchinson import hessian_traces
     device = next(model.parameters()).device
 
     def loss_fn(m, batch):
@@ -161,7 +178,6 @@ def _hessian_traces(model: nn.Module, names: list[str], batches: list[dict], max
                  attention_mask=mask.to(device) if mask is not None else None)[1]
     # Hessian-vector products differentiate twice; the fused (flash / memory-efficient)
     # attention kernels have no double backward, the plain math kernel has.
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.MATH):
         return hessian_traces(model, batches, names, loss_fn, min_samples=min(4, max_probes),
                               max_samples=max_probes)
@@ -170,7 +186,6 @@ def _hessian_traces(model: nn.Module, names: list[str], batches: list[dict], max
 def _depth_ramp(names: list[str], shapes: dict, budget_rank: int) -> dict[str, int]:
     """The 'manual' pattern used when none is given: rank grows with depth (later layers adapt
     more, a common observation, e.g. in the AdaLoRA paper's rank maps), at the uniform budget."""
-    from allocation.hutchinson import sensitivity_ranks
     return sensitivity_ranks({n: float(i + 1) for i, n in enumerate(names)}, shapes,
                              r_min=max(1, budget_rank // 4), r_max=budget_rank * 4, uniform_rank=budget_rank)
 
@@ -183,16 +198,13 @@ def prepare(model: nn.Module, exp: ExperimentConfig, calibration: Callable[[], I
     sensitivity (SADRA ranks, mixed precision): `n_calibration` batches, at most
     `max_probes` Rademacher probes. steps: the run's length (paces the adaptive
     allocators). The model is changed in place."""
-    from allocation.allocator import NullAllocator
     if exp.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model, NullAllocator(None)
 
-    from allocation.hutchinson import module_shapes, sensitivity_ranks
-    from lora.model import LoraConfig, add_lora_to_model, find_targets
     targets = exp.target_modules or default_targets(model)
-    probe = LoraConfig(r=exp.r, lora_alpha=exp.lora_alpha, target_modules=targets, method=_lora_method(exp))
+    probe = LoraConfig(r=exp.r, lora_alpha=exp.lora_alpha, target_modules=targets, method=exp.method)
     names = find_targets(model, probe)                 # raises, listing candidates, when nothing matches
     shapes = module_shapes(model, names)
 
@@ -213,7 +225,6 @@ def prepare(model: nn.Module, exp: ExperimentConfig, calibration: Callable[[], I
 
     # 2. quantize the base
     if exp.quant is not None:
-        from quantization.model import quantize_model
         if exp.quant == "mixed":
             bits = _mixed_bits(model, quant_names, traces, exp.mixed_high_fraction)
         else:
@@ -228,9 +239,7 @@ def prepare(model: nn.Module, exp: ExperimentConfig, calibration: Callable[[], I
 
     # 4. allocator
     if exp.allocation == "curvature":
-        from allocation.budget import adapter_params, training_bytes
-        from allocation.controller import ControllerConfig, CurvatureRankAllocator
-        cap = sum(training_bytes(adapter_params(i, o, budget_rank, _lora_method(exp))) for i, o in shapes.values())
+        cap = sum(training_bytes(adapter_params(i, o, budget_rank, exp.method)) for i, o in shapes.values())
         interval = max(1, (steps or 400) // 8)
         cfg = ControllerConfig(interval=interval, warmup=interval, r_min=2, r_max=4 * budget_rank,
                                memory_cap_bytes=cap)
@@ -250,8 +259,6 @@ class SparsityAllocator:
     name = "sparse"
 
     def __init__(self, model: nn.Module, total_steps: int, final_sparsity: float = 0.5, l1: float = 1e-4):
-        from lora.model import adapter_layers
-        from lora.sparse import SparseLoRALinear
         self.layers = [m for _, m in adapter_layers(model) if isinstance(m, SparseLoRALinear)]
         if not self.layers:
             raise ValueError("SparsityAllocator: the model has no SparseLoRALinear layers")
@@ -268,7 +275,6 @@ class SparsityAllocator:
         self.n_steps += 1
 
     def after_step(self, step: int, model: nn.Module, optimizer) -> None:
-        from lora.sparse import cubic_sparsity
         target = cubic_sparsity(step, self.start, self.end, self.final_sparsity)
         for layer in self.layers:
             if target > 0:
@@ -277,7 +283,6 @@ class SparsityAllocator:
                 layer.apply_masks_()
 
     def finish(self, total_steps: int) -> None:
-        from allocation.allocator import check_stepped
         check_stepped(self.name, self.n_steps, total_steps)
 
     def state_dict(self) -> dict:
@@ -287,15 +292,9 @@ class SparsityAllocator:
         self.n_steps = state["n_steps"]
 
 
-def _lora_method(exp: ExperimentConfig) -> str:
-    return exp.method
-
-
 def _mixed_bits(model: nn.Module, names: list[str], traces: dict, high_fraction: float) -> dict[str, int]:
     """8 bits for the most sensitive layers per extra byte, 4 for the rest (allocation.precision),
     under a base-weight budget of all-4-bit + `high_fraction` of what all-8-bit would add."""
-    from allocation.hutchinson import module_shapes
-    from allocation.precision import choose_precision, total_base_bytes
     shapes = module_shapes(model, names)
     low = total_base_bytes({n: 4 for n in names}, shapes)
     high = total_base_bytes({n: 8 for n in names}, shapes)
@@ -305,7 +304,6 @@ def _mixed_bits(model: nn.Module, names: list[str], traces: dict, high_fraction:
 
 def _adalora_allocator(model: nn.Module, exp: ExperimentConfig, steps: int | None):
     """AdaLoRA's schedule paced by the run: warm-up 10 % of the steps, final phase 20 %."""
-    from allocation.adalora import AdaLoRAAllocator, AdaLoRAConfig
     total = steps or 400
     cfg = AdaLoRAConfig(init_r=exp.r, target_r=exp.target_r or max(1, exp.r // 2),
                         tinit=total // 10, tfinal=total // 5, deltaT=max(1, total // 100))
@@ -319,10 +317,9 @@ def make_evaluator(data, *, tokenizer=None, batch_size: int = 32, max_examples: 
     """evaluate(model) -> {metric: value} on the eval split of a trainers.data.TaskData.
 
     classification: accuracy (and F1 for two classes); lm: loss and perplexity of the
-    next-token prediction (token-weighted); qa: SQuAD exact match / F1 of the argmax
-    span (needs the tokenizer to turn tokens back into text); summarization: ROUGE-L of
-    greedy continuations after the prompt (needs the tokenizer)."""
-    from trainers import metrics as M
+    next-token prediction (token-weighted); qa: SQuAD exact match / F1 of the best
+    context span (needs the tokenizer to turn tokens back into text); summarization:
+    ROUGE-L of greedy continuations of the prompt (needs the tokenizer)."""
     kind = data.spec.kind
     n = data.num_examples("eval") if max_examples is None else min(max_examples, data.num_examples("eval"))
     if n == 0:
@@ -344,9 +341,9 @@ def make_evaluator(data, *, tokenizer=None, batch_size: int = 32, max_examples: 
                 logits, _ = model(b["input_ids"], attention_mask=b["attention_mask"])
                 preds += logits.argmax(-1).tolist()
                 labels += b["labels"].tolist()
-            out = {"accuracy": M.accuracy(preds, labels)}
+            out = {"accuracy": metrics.accuracy(preds, labels)}
             if data.spec.num_labels == 2:
-                out["f1"] = M.f1_score(preds, labels)
+                out["f1"] = metrics.f1_score(preds, labels)
             return out
         if kind == "lm":
             nll, count = 0.0, 0
@@ -354,17 +351,14 @@ def make_evaluator(data, *, tokenizer=None, batch_size: int = 32, max_examples: 
                 _, loss = model(b["input_ids"], targets=b["labels"], attention_mask=b["attention_mask"])
                 predicted = int(((b["labels"][:, 1:] != -100) & (b["attention_mask"][:, 1:] != 0)).sum())
                 nll, count = nll + float(loss) * predicted, count + predicted
-            return {"loss": nll / count, "perplexity": M.perplexity(nll / count)}
-        if kind == "qa":
+            return {"loss": nll / count, "perplexity": metrics.perplexity(nll / count)}
+        if kind == "qa":                  # the best span inside the context (TaskData.qa_predictions)
             preds, truths = [], []
             for b in batches(device):
                 logits, _ = model(b["input_ids"], attention_mask=b["attention_mask"])   # (B, T, 2)
-                for row, i in enumerate(b["index"].tolist()):
-                    start, end = _best_span(logits[row, :, 0], logits[row, :, 1], b["attention_mask"][row])
-                    preds.append(tokenizer.decode(b["input_ids"][row, start:end + 1].tolist()))
-                    truths.append(data.eval["answers"][i])
-            scores = M.squad_scores(preds, truths)
-            return {k: float(v) for k, v in scores.items()}
+                preds += data.qa_predictions("eval", b["index"], logits[..., 0], logits[..., 1], tokenizer)
+                truths += [data.eval["answers"][i] for i in b["index"].tolist()]
+            return {k: float(v) for k, v in metrics.squad_scores(preds, truths).items()}
         if kind == "summarization":
             cands, refs = [], []
             for i in range(n):
@@ -373,20 +367,9 @@ def make_evaluator(data, *, tokenizer=None, batch_size: int = 32, max_examples: 
                 eos = getattr(tokenizer, "eos_id", None)
                 cands.append(tokenizer.decode(out[:out.index(eos)] if eos in out else out))
                 refs.append(data.eval["references"][i])
-            return {"rouge_l": M.mean_rouge_l(cands, refs)}
+            return {"rouge_l": metrics.mean_rouge_l(cands, refs)}
         raise ValueError(f"evaluate: no evaluation for task kind {kind!r}")
     return evaluate
-
-
-def _best_span(start_logits, end_logits, mask, max_len: int = 30) -> tuple[int, int]:
-    """argmax over start <= end < start + max_len of start_logit + end_logit, within the mask."""
-    T = int(mask.sum())
-    s, e = start_logits[:T].float(), end_logits[:T].float()
-    scores = s[:, None] + e[None, :]                                       # (T, T)
-    i = torch.arange(T, device=scores.device)
-    valid = (i[None, :] >= i[:, None]) & (i[None, :] < i[:, None] + max_len)
-    best = int(scores.masked_fill(~valid, float("-inf")).argmax())
-    return best // T, best % T
 
 
 # ----------------------------------------------------------------------------- one run
@@ -407,6 +390,7 @@ def run_experiment(exp: ExperimentConfig, model: nn.Module, task, train_cfg: Tra
 
     if calibration is None:
         calibration = lambda: task.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed + 7919)  # noqa: E731
+    model.to(pick_device(cfg.device))         # calibrate and quantize where training will run
     torch.manual_seed(cfg.seed)               # adapter initialisation is part of the seeded run
     model, allocator = prepare(model, exp, calibration, budget_rank, steps=cfg.steps)
     spec = task.spec
@@ -418,23 +402,20 @@ def run_experiment(exp: ExperimentConfig, model: nn.Module, task, train_cfg: Tra
     result = train(model, batches, cfg, evaluate=evaluate, allocator=allocator, out_dir=out_dir, resume=resume)
 
     if exp.method == "full":
-        from safetensors.torch import save_model
         save_model(model, str(out_dir / "model.safetensors"))
     else:
-        from lora.adapter_io import save_adapter
         save_adapter(model, out_dir, base_model_name_or_path=model_name or None)
     metric = spec.metric if spec.metric in result.metrics else "final_loss"
-    metrics = {"metric": metric, "metric_value": result.metrics.get(metric), **result.metrics,
+    run_metrics = {"metric": metric, "metric_value": result.metrics.get(metric), **result.metrics,
                "final_ranks": {n: int(r) for n, r in _final_ranks(model).items()}}
     write_loss_log(out_dir / "loss_log.csv", result.loss_log)
     atomic_write_json(out_dir / "eval_log.json", result.eval_log)
     atomic_write_json(out_dir / "rank_history.json", list(getattr(allocator, "rank_history", [])))
-    atomic_write_json(out_dir / "metrics.json", metrics)
-    return summary_row(out_dir.name, run_config, metrics)
+    atomic_write_json(out_dir / "metrics.json", run_metrics)
+    return summary_row(out_dir.name, run_config, run_metrics)
 
 
 def _final_ranks(model: nn.Module) -> dict[str, int]:
-    from lora.model import adapter_layers
     return {name: getattr(layer, "active_rank", layer.rank) for name, layer in adapter_layers(model)
             if hasattr(layer, "rank")}
 
@@ -468,7 +449,6 @@ def model_kind(family: str, task_kind: str) -> str:
 
 
 def _task_texts(name: str, data_dir=None, seed: int = 0, limit: int = 5000) -> list[str]:
-    from trainers.data import read_raw
     texts = []
     for record in read_raw(name, data_dir=data_dir, seed=seed).train[:limit]:
         texts += [record[k] for k in ("text", "text_pair", "summary", "question", "context")
@@ -480,32 +460,24 @@ def load_model(model_name: str, task_name: str, *, max_length: int = 128, data_d
                vocab_size: int = 512, tokenizer=None):
     """(model, tokenizer) for a task from a name (see MODEL_HELP). Presets are built seeded,
     with `tokenizer` if given (else one trained on the task's text)."""
-    from trainers.data import get_task
     spec = get_task(task_name)
     if model_name in MODEL_PRESETS:
-        from trainers import models as M
-        from trainers.tokenization import train_bpe_tokenizer
         family, overrides = MODEL_PRESETS[model_name]
         if tokenizer is None:
             tokenizer = train_bpe_tokenizer(_task_texts(task_name, data_dir, seed), vocab_size=vocab_size)
         kind = model_kind(family, spec.kind)
         length = {"gpt2": "block_size", "distilbert": "max_position_embeddings", "llama": "max_seq_len"}[family]
-        config_cls = M.MODELS[kind][0]
+        config_cls = models.MODELS[kind][0]
         fields = {**overrides, "vocab_size": tokenizer.vocab_size, length: max_length}
         if kind.endswith("-cls"):
             fields["num_labels"] = spec.num_labels
         torch.manual_seed(seed)
-        return M.build_model(kind, config_cls.tiny(**fields)), tokenizer
+        return models.build_model(kind, config_cls.tiny(**fields)), tokenizer
     if model_name in LLAMA2C_MODELS:
-        from trainers.checkpoints import load_llama2c
-        from trainers.paths import data_file
-        from trainers.tokenization import Llama2cTokenizer
         model_kind("llama", spec.kind)
         folder, weights, tok = LLAMA2C_MODELS[model_name]
         return (load_llama2c(data_file(folder, weights, explicit=data_dir)),
                 Llama2cTokenizer.from_file(data_file(folder, tok, explicit=data_dir)))
-    from trainers.checkpoints import config_from_hf, load_hf_model, read_hf_config, resolve_source
-    from trainers.tokenization import load_tokenizer
     try:
         folder = resolve_source(model_name)
     except FileNotFoundError as err:
@@ -518,7 +490,6 @@ def load_model(model_name: str, task_name: str, *, max_length: int = 128, data_d
 
 def load_task_for(task_name: str, tokenizer, *, max_length: int = 128, limit: int | None = None,
                   data_dir=None, seed: int = 0):
-    from trainers.data import load_task
     return load_task(task_name, tokenizer, max_length=max_length, limit=limit, data_dir=data_dir, seed=seed)
 
 
@@ -563,7 +534,6 @@ def run_matrix(tasks: list[str], configs: list[str], train_cfg: TrainConfig, res
     failed, a RuntimeError naming them is raised after the summary is written."""
     for name in configs:
         get_config(name)                                     # unknown names fail before any work
-    from trainers.data import get_task
     for name in tasks:
         get_task(name)
     root = Path(results_root)

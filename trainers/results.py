@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -61,10 +62,12 @@ def _jsonable(value):
         return [_jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return _jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    if isinstance(value, (str, bool)) or value is None:
         return value
+    if isinstance(value, numbers.Integral):           # also numpy integers
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else str(float(value))
     return str(value)
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from lora.model import adapter_layers, count_parameters
 from trainers.device import Runtime
 from trainers.optim import SCHEDULES, lr_at, make_optimizer
 from trainers.results import atomic_torch_save
@@ -110,13 +111,15 @@ def epoch_batches(tensors: dict[str, torch.Tensor], batch_size: int, *, shuffle:
 
 # ----------------------------------------------------------------------------- records
 
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, what was measured): the CUDA allocator's peak, the MPS driver's current
-    allocation, or the process's peak resident set size on the CPU."""
+def peak_memory(device: torch.device, mps_seen: int = 0) -> tuple[int, str]:
+    """(bytes, what was measured): the CUDA allocator's peak, the largest MPS driver
+    allocation seen (MPS keeps no peak: the loop samples it at every log step and passes
+    the maximum as `mps_seen`), or the process's peak resident set size on the CPU
+    (process-wide: it never goes down within one process)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
     if device.type == "mps":
-        return int(torch.mps.driver_allocated_memory()), "mps_driver_allocated"
+        return max(int(torch.mps.driver_allocated_memory()), mps_seen), "mps_driver_allocated_max_sampled"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
     return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
 
@@ -127,13 +130,11 @@ def trainable_bytes(model: nn.Module) -> int:
 
 
 def _low_rank_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from lora.model import adapter_layers
     return [(name, layer) for name, layer in adapter_layers(model) if hasattr(layer, "resize")]
 
 
 def _adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Buffers that belong to adapters (sparsity masks, AdaLoRA's rank mask), not to the bases."""
-    from lora.model import adapter_layers
     out = {}
     for name, layer in adapter_layers(model):
         for bname, buf in layer.named_buffers():
@@ -294,7 +295,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
 
     def next_batch() -> dict:
         nonlocal stream
-        for attempt in range(2):
+        for _ in range(2):                    # the current epoch, else the next one
             try:
                 batch = next(stream)
                 position["batches_done"] += 1
@@ -310,6 +311,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     train_time = 0.0
     wall_start = time.perf_counter()
     last_loss = float("nan")
+    mps_seen = 0
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not cfg.progress, leave=False)
     for step in range(start_step, cfg.steps):
         # 1. learning rate
@@ -379,6 +381,8 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
         bar.update(1)
         if cfg.log_every > 0 and (step % cfg.log_every == 0 or step == cfg.steps - 1):
             bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / max(train_time, 1e-9):.0f}")
+            if rt.device.type == "mps":
+                mps_seen = max(mps_seen, int(torch.mps.driver_allocated_memory()))
     bar.close()
 
     final_eval = _evaluate(model, evaluate, rt, cfg.steps) if evaluate is not None else {}
@@ -390,9 +394,8 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     if allocator is not None:
         allocator.finish(cfg.steps)
 
-    from lora.model import count_parameters
     trainable, total_params = count_parameters(model)
-    memory, memory_kind = peak_memory(rt.device)
+    memory, memory_kind = peak_memory(rt.device, mps_seen)
     if loss_log:
         last_loss = loss_log[-1]["loss"]
     metrics = {k: v for k, v in final_eval.items() if k != "step"}

@@ -1,5 +1,6 @@
 """What the transformer models here share: the attention mask built from a padding
-mask, the shifted next-token loss, and sampling for the causal models.
+mask, the shifted next-token loss, and, for the causal models, the key/value cache
+and sampling.
 
 Masks follow `F.scaled_dot_product_attention`'s boolean convention: True means
 "this query may attend to this key".

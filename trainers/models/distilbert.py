@@ -73,6 +73,8 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 class FFN(nn.Module):
+    """lin2(GELU(lin1(x))), hidden width hidden_dim."""
+
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
@@ -84,6 +86,8 @@ class FFN(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    """sa_layer_norm(x + attention(x)), then output_layer_norm(x + ffn(x)) (post-LN)."""
+
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.attention = MultiHeadSelfAttention(config)
@@ -97,6 +101,8 @@ class TransformerBlock(nn.Module):
 
 
 class Embeddings(nn.Module):
+    """LayerNorm(word_embeddings[idx] + position_embeddings[t]); no token types in DistilBERT."""
+
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
@@ -110,6 +116,8 @@ class Embeddings(nn.Module):
 
 
 class Transformer(nn.Module):
+    """The stack of blocks, each optionally recomputed in backward (gradient checkpointing)."""
+
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.config = config

@@ -35,7 +35,7 @@ class GPT2Config:
     n_embd: int = 768  # model width C
     dropout: float = 0.0  # 0 for fine-tuning (HF pretraining used 0.1)
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
-    layer_norm_epsilon: float = 1e-5
+    layer_norm_epsilon: float = 1e-5  # LayerNorm epsilon, as in the HF config
     num_labels: int = 2  # classes of the sequence-classification head
     pad_token_id: int | None = None  # GPT-2 has none; the classifier uses attention_mask or this
     gradient_checkpointing: bool = False  # recompute each block in backward to save activation memory
@@ -74,6 +74,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """c_proj(GELU(c_fc(x))), hidden width 4C."""
+
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -86,6 +88,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """x + attn(ln_1(x)), then + mlp(ln_2(x)) (pre-LN residual block)."""
+
     def __init__(self, config: GPT2Config, layer_idx: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)

@@ -99,6 +99,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    """softmax(R(q) R(k)^T / sqrt(hs) + causal mask) v per query head, R = rotary embedding;
+    k and v have n_kv_heads heads, each shared by n_heads / n_kv_heads query heads."""
+
     def __init__(self, config: LlamaConfig, layer_idx: int = 0):
         super().__init__()
         self.layer_idx = layer_idx  # which slot of a KVCache is ours
@@ -129,6 +132,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)), hidden width hidden_dim."""
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
@@ -140,6 +145,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """x + attn(RMSNorm(x)), then + mlp(RMSNorm(x)) (pre-norm residual block)."""
+
     def __init__(self, config: LlamaConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
