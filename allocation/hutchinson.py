@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import Tensor
 
 from allocation.budget import cost_per_rank, fixed_params, ranks_from_scores
@@ -92,8 +93,19 @@ def _settled(xs: Sequence[float], tol: float) -> bool:
 
 
 def default_loss(model: nn.Module, batch) -> Tensor:
-    """Loss of models that return (logits, loss): model(**batch) for dicts, model(*batch) otherwise."""
-    out = model(**batch) if isinstance(batch, Mapping) else model(*batch)
+    """Loss of the project's models, which return (logits, loss).
+
+    A dict batch (as trainers.data yields) is called the way the training loop calls
+    it, model(input_ids, targets=labels, attention_mask=...), on the model's device;
+    a tuple or list is passed positionally, model(*batch).
+    """
+    if isinstance(batch, Mapping):
+        device = next(model.parameters()).device
+        mask = batch.get("attention_mask")
+        out = model(batch["input_ids"].to(device), targets=batch["labels"].to(device),
+                    attention_mask=None if mask is None else mask.to(device))
+    else:
+        out = model(*batch)
     return out[1] if isinstance(out, (tuple, list)) else out
 
 
@@ -136,8 +148,11 @@ def hessian_traces(model: nn.Module, batches: Sequence, module_names: Iterable[s
         for w in weights.values():
             w.requires_grad_(True)
         model.eval()
-        return hutchinson_traces(lambda i: loss_fn(model, batches[i % len(batches)]), weights,
-                                 min_samples=min_samples, max_samples=max_samples, tol=tol, seed=seed)
+        # Hessian-vector products differentiate twice; the fused (flash / memory-efficient)
+        # attention kernels have no double backward, the plain math kernel has.
+        with sdpa_kernel(SDPBackend.MATH):
+            return hutchinson_traces(lambda i: loss_fn(model, batches[i % len(batches)]), weights,
+                                     min_samples=min_samples, max_samples=max_samples, tol=tol, seed=seed)
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)

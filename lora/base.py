@@ -31,7 +31,8 @@ from torch import Tensor
 QUANTIZED_MERGE_ERROR = (
     "merge into a quantized base: the base layer {kind} stores packed low-bit weights, so an in-place "
     "merge would have to requantize and lose the update; use lora.merge_lora_weights(model) (replaces the "
-    "adapter by a plain nn.Linear holding the dequantized W + delta W) or quantization.requantize... "
+    "adapter by a plain nn.Linear holding the dequantized W + delta W), then "
+    "quantization.requantize_merged(model, bits) "
     "to build a new quantized layer from the merged weight")
 
 

@@ -15,6 +15,7 @@ feature columns in the activations (|x| ≥ 6) and multiplies them in 16 bits.  
 quantize only weights (activations stay in float), so we apply the same split on the
 weight side: input columns j with max_i |W_ij| ≥ `outlier_threshold` are kept in float
 (out, k) and left out of the row scales; the rest are quantized row-wise.
+`int8_matmul` does the activation-side decomposition itself (x in int8 too), as in the paper.
 """
 from __future__ import annotations
 
@@ -96,3 +97,43 @@ def dequantize_int8(q: Int8Tensor, dtype: torch.dtype | None = None) -> torch.Te
     if q.outlier_cols is not None and q.outlier_cols.numel():
         w.index_copy_(1, q.outlier_cols, q.outlier_weight.float())
     return w.to(dtype).view(q.shape)
+
+
+def int8_matmul(x: torch.Tensor, q: Int8Tensor, threshold: float | None = 6.0) -> torch.Tensor:
+    """LLM.int8() matrix multiply, y ≈ x Ŵᵀ with the activations in int8 too (Dettmers et al.
+    2022, §3.2, "mixed-precision decomposition"):
+
+        O = {j : max_t |x_tj| ≥ threshold}                      outlier feature columns of x
+        y = Σ_{j∈O} x_:j Ŵ_:jᵀ                                  in float (few columns)
+          + s_x s_wᵀ ⊙ (q_x q_wᵀ)                               integer dot products over j ∉ O
+    q_x: x row-wise (vector-wise) int8 with scale s_x (t,); q_w, s_w: the row-wise weight.
+    x (..., in) float, q row-wise (blocksize None) for W (out, in) -> y (..., out) float32.
+    Weight-side outlier columns of q (if any) join O.  threshold=None: no decomposition.
+    The integer products are exact: float32 matmuls over chunks of 1024 input features
+    (|partial sum| ≤ 127² · 1024 < 2^24), summed in int32.  A teaching version: the point is
+    the arithmetic, not speed.
+    """
+    if q.blocksize is not None:
+        raise ValueError("int8_matmul: needs a row-wise Int8Tensor (blocksize=None), got blockwise "
+                         f"blocksize={q.blocksize}")
+    rows = x.reshape(-1, x.shape[-1]).float()                        # (t, in)
+    if rows.shape[1] != q.shape[-1]:
+        raise ValueError(f"int8_matmul: x has {rows.shape[1]} features, the weight expects {q.shape[-1]}")
+    outliers = torch.zeros(rows.shape[1], dtype=torch.bool, device=rows.device)
+    if threshold is not None:
+        outliers |= rows.abs().amax(dim=0) >= threshold
+    if q.outlier_cols is not None:
+        outliers[q.outlier_cols] = True
+    cols = outliers.nonzero().view(-1)                               # (k,)
+    rest = rows.index_fill(1, cols, 0.0)
+    sx = rest.abs().amax(dim=1) / 127                                # (t,)
+    qx = _round_to_int8(rest, sx[:, None]).float()                   # (t, in) integer-valued
+    qw = q.data.float()                                              # (out, in) integer-valued
+    acc = torch.zeros(rows.shape[0], qw.shape[0], dtype=torch.int32, device=rows.device)
+    for k0 in range(0, rows.shape[1], 1024):
+        acc += (qx[:, k0:k0 + 1024] @ qw[:, k0:k0 + 1024].t()).to(torch.int32)   # exact
+    y = acc.float() * sx[:, None] * q.scale.float()[None, :]         # (t, out)
+    if cols.numel():
+        w_cols = dequantize_int8(q, torch.float32).index_select(1, cols)           # (out, k)
+        y = y + rows.index_select(1, cols) @ w_cols.t()
+    return y.view(*x.shape[:-1], -1)

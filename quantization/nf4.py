@@ -259,7 +259,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 
 # Elements per chunk in the CPU dequant loop: big enough that Python overhead is noise,
 # small enough that a chunk of output stays in cache between the gather and the multiply.
-DEQUANT_CHUNK = 1 << 18
+DEQUANT_CHUNK = 1 << 19
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,6 +275,8 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Te
     devices it is one shot.  No device-specific code otherwise.
     """
     dtype = dtype or q.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dequantize_nf4: dtype must be float32/float16/bfloat16, got {dtype}")
     n, bs = q.numel, q.blocksize
     device = q.packed.device
     if out is None:

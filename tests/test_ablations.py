@@ -2,7 +2,6 @@
 runs end to end on the planted task and writes one full CSV row per run."""
 import copy
 import csv
-import dataclasses
 
 import pytest
 

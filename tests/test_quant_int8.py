@@ -61,3 +61,29 @@ def test_int8_bad_input():
         quantize_int8(torch.ones(100), blocksize=100)
     with pytest.raises(ValueError, match="outlier_threshold"):
         quantize_int8(torch.ones(4, 4), outlier_threshold=-1.0)
+
+
+def test_int8_matmul_integer_part_is_exact_and_outliers_help():
+    from quantization.int8 import int8_matmul
+    torch.manual_seed(0)
+    w = torch.randn(48, 1500) * 0.02                          # > 1024 features: two exact chunks
+    x = torch.randn(6, 1500)
+    x[:, 7] = 40.0                                            # one large outlier feature
+    q = quantize_int8(w)
+    # the integer path by hand in float64 (exact for these sizes), no decomposition
+    sx = x.abs().amax(1) / 127
+    qx = torch.round(x / sx[:, None]).clamp(-127, 127)
+    ref_int = (qx.double() @ q.data.double().t()) * sx.double()[:, None] * q.scale.double()[None, :]
+    plain = int8_matmul(x, q, threshold=None)
+    assert torch.allclose(plain.double(), ref_int, rtol=1e-6, atol=1e-6)
+    exact = x @ dequantize_int8(q).t()                        # what a float matmul with Ŵ gives
+    split = int8_matmul(x, q, threshold=6.0)
+    assert (split - exact).abs().max() < (plain - exact).abs().max() / 10
+    assert int8_matmul(x.view(2, 3, 1500), q).shape == (2, 3, 48)
+    w2 = w.clone()
+    w2[:, 100] = 5.0                                          # a weight-side outlier column joins the float part
+    q2 = quantize_int8(w2, outlier_threshold=1.0)
+    exact2 = x @ dequantize_int8(q2).t()
+    assert (int8_matmul(x, q2) - exact2).abs().max() < 0.05 * exact2.abs().max()
+    with pytest.raises(ValueError, match="row-wise"):
+        int8_matmul(x, quantize_int8(w, blocksize=64))

@@ -187,6 +187,14 @@ def test_bad_input(bad, err):
         quantize_nf4(bad)
 
 
+def test_bad_dequant_arguments():
+    q = quantize_nf4(torch.randn(10, 64))
+    with pytest.raises(TypeError, match="dequantize_nf4: dtype"):
+        dequantize_nf4(q, torch.int32)
+    with pytest.raises(ValueError, match="dequantize_nf4: out"):
+        dequantize_nf4(q, out=torch.empty(64, 10))
+
+
 @pytest.mark.parametrize("blocksize", [16, 48, 8192, 0])
 def test_bad_blocksize(blocksize):
     with pytest.raises(ValueError, match="blocksize"):

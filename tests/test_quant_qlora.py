@@ -11,15 +11,6 @@ from trainers.models.gpt2 import GPT2Config, GPT2LMHeadModel
 TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: a second thread only adds hand-offs (and stalls when the machine is busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _qlora_model():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config.tiny(n_embd=64))

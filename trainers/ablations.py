@@ -81,17 +81,22 @@ class AblationSettings:
 
 
 def resolve_defaults(s: AblationSettings) -> AblationSettings:
-    """Fill task/model: stories260K on Tiny Shakespeare when the data folder has both, else planted."""
-    if s.task is not None and s.model is not None or s.task == "planted":
+    """Fill task/model: stories260K on Tiny Shakespeare when the data folder has both, else the
+    planted task; a task given without a model gets stories260K for language modelling (when
+    present) and the trainer's default preset (RunSettings.model) otherwise."""
+    if s.task == "planted" or (s.task is not None and s.model is not None):
         return s
     from trainers.paths import data_dir
     root = data_dir(s.data_dir)
-    have = (root is not None and (root / "stories260K" / "stories260K.bin").exists()
-            and (root / "tiny_shakespeare" / "input.txt").exists())
+    stories = root is not None and (root / "stories260K" / "stories260K.bin").exists()
     if s.task is None:
+        have = stories and (root / "tiny_shakespeare" / "input.txt").exists()
         return dataclasses.replace(s, task="tiny_shakespeare" if have else "planted",
                                    model=s.model or ("stories260K" if have else None))
-    return dataclasses.replace(s, model="stories260K")
+    from trainers.data import get_task
+    from trainers.experiments import RunSettings
+    lm = get_task(s.task).kind == "lm"
+    return dataclasses.replace(s, model="stories260K" if lm and stories else RunSettings().model)
 
 
 # --- one point --------------------------------------------------------------------------------
@@ -173,7 +178,7 @@ def _isolated_point(args) -> dict:
 # --- the three ablations ----------------------------------------------------------------------
 def ablation_points(kind: str, ctx: _Context) -> list[tuple[str, object, dict]]:
     """[(folder name, ExperimentConfig, the ablation's own columns)] for one kind."""
-    from trainers.experiments import CONFIGS, default_targets
+    from trainers.experiments import CONFIGS
     targets = ctx.default_targets()
     lora = dataclasses.replace(CONFIGS["B-FP"], target_modules=targets)
     if kind == "rank":
@@ -217,8 +222,9 @@ def run_ablation(kind: str, settings: AblationSettings | None = None, out: Path 
     for folder, exp, own in points:
         if isolate:
             import multiprocessing
-            with multiprocessing.get_context("spawn").Pool(1) as pool:
-                row = pool.apply(_isolated_point, ((exp, s, out / folder),))
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                row = pool.submit(_isolated_point, (exp, s, out / folder)).result()
         else:
             row = run_point(exp, s, ctx, out / folder)
         rows.append({**own, **{k: v for k, v in row.items() if k not in own}})

@@ -27,7 +27,6 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 from safetensors.torch import save_model
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from allocation.adalora import AdaLoRAAllocator, AdaLoRAConfig
 from allocation.allocator import NullAllocator, check_stepped
@@ -170,17 +169,7 @@ def _calibration_batches(calibration, n: int, who: str) -> list[dict]:
 
 def _hessian_traces(model: nn.Module, names: list[str], batches: list[dict], max_probes: int) -> dict:
     """Hutchinson traces of the loss Hessian per module weight, on the full-precision model."""
-    device = next(model.parameters()).device
-
-    def loss_fn(m, batch):
-        mask = batch.get("attention_mask")
-        return m(batch["input_ids"].to(device), targets=batch["labels"].to(device),
-                 attention_mask=mask.to(device) if mask is not None else None)[1]
-    # Hessian-vector products differentiate twice; the fused (flash / memory-efficient)
-    # attention kernels have no double backward, the plain math kernel has.
-    with sdpa_kernel(SDPBackend.MATH):
-        return hessian_traces(model, batches, names, loss_fn, min_samples=min(4, max_probes),
-                              max_samples=max_probes)
+    return hessian_traces(model, batches, names, min_samples=min(4, max_probes), max_samples=max_probes)
 
 
 def _depth_ramp(names: list[str], shapes: dict, budget_rank: int) -> dict[str, int]:
