@@ -24,12 +24,13 @@ Accounting (all plain integers; nothing here looks at a model):
 integer ranks proportional to the scores. It "water-fills": find λ such that the
 real-valued ranks t_i = clip(λ s_i, r_min, r_max) spend the budget exactly, take
 floor(t_i), then hand out single rank steps, largest remaining deficit t_i - r_i
-first (ties: the earlier layer), until no further step fits. Hence the result
+first (ties: the higher score, then the earlier layer), until no further step fits. Hence the result
 never exceeds the budget and no layer below r_max could take one more rank.
 """
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 
 METHODS = ("lora", "sparse", "hira", "dora", "adalora")
@@ -144,7 +145,7 @@ def ranks_from_scores(scores, budget: float, r_min: int, r_max: int, cost_per_ra
     if math.isnan(budget) or budget < minimum:
         raise ValueError(f"ranks_from_scores: budget {budget} is below the minimum allocation "
                          f"sum(cost * r_min) = {minimum}")
-    top = max(s)
+    top, raw = max(s), s
     s = [v / top for v in s] if top > 0 else [1.0] * n    # only the ratios matter
 
     targets = _water_fill(s, c, budget, r_min, r_max)            # real-valued, sum c*t <= budget
@@ -153,8 +154,8 @@ def ranks_from_scores(scores, budget: float, r_min: int, r_max: int, cost_per_ra
     while True:   # one rank step at a time to the largest deficit that still fits
         best = None
         for i in range(n):
-            if ranks[i] < r_max and c[i] <= left and (best is None or targets[i] - ranks[i]
-                                                      > targets[best] - ranks[best]):
+            if ranks[i] < r_max and c[i] <= left and (best is None or (targets[i] - ranks[i], raw[i])
+                                                      > (targets[best] - ranks[best], raw[best])):
                 best = i
         if best is None:
             break
@@ -170,10 +171,13 @@ def _water_fill(s: list[float], c: list, budget: float, r_min: int, r_max: int) 
 
     saturated = sum(ci * (r_max if si > 0 else r_min) for si, ci in zip(s, c))   # spend(λ -> inf)
     lo, hi = 0.0, 1.0
-    while spend(hi) < min(budget, saturated):
-        hi *= 2.0
+    # λ stops at the largest float: a subnormal score (1e-313) would need a λ beyond it, and an
+    # infinite λ would make every bisection midpoint inf. Such a score then gets r_min here, as a
+    # zero score does, and the rank steps of ranks_from_scores hand it what is left.
+    while spend(hi) < min(budget, saturated) and hi < sys.float_info.max:
+        hi = min(hi * 2.0, sys.float_info.max)
     for _ in range(200):
-        mid = 0.5 * (lo + hi)
+        mid = lo + 0.5 * (hi - lo)                                # no overflow near the largest float
         if spend(mid) <= budget:
             lo = mid
         else:

@@ -65,7 +65,7 @@ class ControllerConfig:
     r_min: int = 2
     r_max: int = 32
     rank_step: int = 2                     # ranks added / removed per change
-    n_change: int = 1                      # layers grown and layers shrunk per decision
+    n_change: int = 1                      # layers grown (and at most shrunk, as the cap needs) per decision
     memory_cap_bytes: int | None = None    # hard cap on adapter training bytes (None: no cap)
     beta: float = 0.9                      # curvature EMA factor
     signal: str = "grad_sq"                # "grad_sq" or "secant" (allocation.curvature)
@@ -270,7 +270,14 @@ class RankController:
         return True
 
     def plan(self, scores: dict[str, float]) -> dict[str, int]:
-        """Grow the most curved layers and shrink the least, trimming grows to fit the cap."""
+        """Grow the most curved layers; shrink the least curved only as far as the cap needs.
+
+        Up to `n_change` layers, most curved first, grow by `rank_step`. If that would
+        pass the memory cap, up to `n_change` of the least curved layers (not being
+        grown) give back `rank_step` each, one at a time, until it fits; if it still does not fit, the
+        least curved grows are trimmed. So the budget fills up first (no shrinking
+        while there is room) and then rank flows from flat layers to curved ones.
+        """
         c = self.config
         ranks = self.ranks()
         names = [n for n, _ in self.layers]
@@ -278,16 +285,19 @@ class RankController:
         order = sorted(range(len(names)), key=lambda i: (-scores.get(names[i], low), i))   # stable
         top = {n: min(c.r_max, layer.in_features, layer.out_features) for n, layer in self.layers}
         grow = [names[i] for i in order if ranks[names[i]] < top[names[i]]][:c.n_change]
-        shrink = [names[i] for i in reversed(order) if ranks[names[i]] > c.r_min and names[i] not in grow]
         new = dict(ranks)
-        for n in shrink[:c.n_change]:
-            new[n] = max(c.r_min, ranks[n] - c.rank_step)
         for n in grow:
             new[n] = min(top[n], ranks[n] + c.rank_step)
-        if c.memory_cap_bytes is not None:
-            for n in reversed(grow):                    # least curved grow gives way first
-                while new[n] > ranks[n] and self.planned_bytes(new) > c.memory_cap_bytes:
-                    new[n] -= 1
+        if c.memory_cap_bytes is None:
+            return new
+        shrink = [names[i] for i in reversed(order) if ranks[names[i]] > c.r_min and names[i] not in grow]
+        for n in shrink[:c.n_change]:
+            if self.planned_bytes(new) <= c.memory_cap_bytes:
+                break
+            new[n] = max(c.r_min, ranks[n] - c.rank_step)
+        for n in reversed(grow):                        # least curved grow gives way first
+            while new[n] > ranks[n] and self.planned_bytes(new) > c.memory_cap_bytes:
+                new[n] -= 1
         return new
 
     def step(self, step: int, scores: dict[str, float], optimizer=None) -> bool:

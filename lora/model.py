@@ -283,7 +283,21 @@ def add_lora_to_model(model: nn.Module, config: LoraConfig | None = None, **over
     """
     config = make_config(config, **overrides)
     find_modules_to_save(model, config.modules_to_save)  # check names before any change
+    targets = find_targets(model, config)
+    check_patterns(config, targets)                      # before build_adapters freezes the bases
     return install_adapters(model, build_adapters(model, config), config)
+
+
+def check_patterns(config: LoraConfig, targets: list[str]) -> None:
+    """Every rank_pattern / alpha_pattern key must match one of the adapted modules: a typo
+    would otherwise silently give that layer the default rank or alpha. (PEFT ignores such
+    keys; load_adapter does too, so files written elsewhere still load.)"""
+    for what, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        for key in pattern:
+            if not any(pattern_value({key: True}, name, False) for name in targets):
+                shown = targets if len(targets) <= 12 else targets[:12] + [f"... ({len(targets) - 12} more)"]
+                raise ValueError(f"add_lora_to_model: {what} key {key!r} matches none of the adapted modules "
+                                 f"(it must match the end of a name at a dot boundary); adapted modules: {shown}")
 
 
 def find_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module]]:

@@ -5,13 +5,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import LowRankAdapter, check_rank, lora_scaling
-
-
-def _swap(param: nn.Parameter, data: Tensor) -> None:
-    """New storage for the same Parameter object; an old-shaped gradient cannot be kept."""
-    param.data = data.contiguous()
-    param.grad = None
+from lora.base import LowRankAdapter, _set_data, check_rank, lora_scaling
 
 
 class SVDLoRALinear(LowRankAdapter):
@@ -102,12 +96,18 @@ class SVDLoRALinear(LowRankAdapter):
         else:
             delta = B.float() @ (A.float() * (E.float() * m.float()[:, None]))            # (out, in)
             U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-            A_new, B_new = Vh[:new_rank].to(A.dtype), U[:, :new_rank].to(B.dtype)
-            E_new = (S[:new_rank, None] * keep_scale).to(E.dtype)
+            kept = min(new_rank, S.numel())     # ΔW has at most min(out, in) directions
+            extra = new_rank - kept             # pad as when growing: new triplets with Λ = 0
+            A_new = torch.cat([Vh[:kept].to(A.dtype),
+                               torch.randn(extra, A.shape[1], dtype=A.dtype, device=A.device) * self.init_std])
+            B_new = torch.cat([U[:, :kept].to(B.dtype),
+                               torch.randn(B.shape[0], extra, dtype=B.dtype, device=B.device) * self.init_std],
+                              dim=1)
+            E_new = torch.cat([(S[:kept, None] * keep_scale).to(E.dtype), E.new_zeros(extra, 1)])
             m_new = m.new_ones(new_rank)
-        _swap(self.lora_A, A_new)
-        _swap(self.lora_E, E_new)
-        _swap(self.lora_B, B_new)
+        _set_data(self.lora_A, A_new)
+        _set_data(self.lora_E, E_new)
+        _set_data(self.lora_B, B_new)
         self.rank_mask = m_new.contiguous()
         self.scaling = new_scaling
 

@@ -74,3 +74,18 @@ def test_target_points_on_planted():
 def test_unknown_kind_lists_the_known_ones():
     with pytest.raises(ValueError, match="rank, targets, memory"):
         A.run_ablation("width", A.AblationSettings(task="planted"))
+
+
+def test_memory_ablation_on_stories260k(stories260k, tmp_path):
+    """The default real setting (stories260K on Tiny Shakespeare), tiny: full FT vs LoRA vs QLoRA.
+    In-process (isolate=False): the peak RSS column is then not per run, but state_bytes is."""
+    settings = A.AblationSettings(steps=3, batch_size=4, limit=16, eval_examples=8, max_length=32,
+                                  data_dir=str(stories260k.parent), isolate=False)
+    rows = A.run_ablation("memory", settings, out=tmp_path)
+    assert [r["method"] for r in rows] == ["full", "lora", "lora+nf4"]
+    assert all(r["task"] == "tiny_shakespeare" and r["metric"] == "perplexity" for r in rows)
+    full, lora, qlora = (r["state_bytes"] for r in rows)
+    assert full > lora > qlora                       # grads + moments of every weight > adapters > 4-bit base
+    with open(tmp_path / "memory_ablation.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3 and all(v not in ("", "n/a") for row in table for v in row.values())

@@ -85,6 +85,16 @@ def test_svd_layer_starts_as_base_and_resizes_keeping_function():
     assert layer.active_rank == 2
 
 
+def test_svd_shrink_to_more_than_the_smaller_dimension_keeps_the_requested_rank():
+    layer = _layer(r=6, d_in=3, d_out=5)                                    # ΔW has rank <= 3
+    x = torch.randn(4, 3, dtype=D)
+    y = layer(x).detach()
+    layer.resize(4)                                                         # 3 SVD triplets + 1 with Λ = 0
+    assert layer.rank == 4 and layer.lora_E.shape == (4, 1) and layer.rank_mask.shape == (4,)
+    assert layer.lora_E[3].item() == 0.0
+    assert torch.allclose(layer(x), y, atol=1e-10)
+
+
 def test_orthogonal_regularizer():
     layer = _layer(r=4)
     with torch.no_grad():

@@ -82,7 +82,9 @@ def test_equal_costs_ranks_are_monotone_in_scores_and_scale_free(scores, budget,
         for j in range(n):
             if scores[i] > scores[j]:
                 assert ranks[i] >= ranks[j]
-    assert ranks == ranks_from_scores([s * 2.0 ** power for s in scores], budget, 2, 32)   # exact scaling
+    scaled = [s * 2.0 ** power for s in scores]
+    if all(x * 2.0 ** -power == s for x, s in zip(scaled, scores)):     # exact (not lost among subnormals)
+        assert ranks == ranks_from_scores(scaled, budget, 2, 32)
 
 
 def test_ranks_proportional_and_ties_stable():
@@ -92,6 +94,17 @@ def test_ranks_proportional_and_ties_stable():
     assert ranks_from_scores({"b": 1.0, "a": 1.0}, 5, 1, 10) == {"b": 3, "a": 2}
     assert ranks_from_scores([0.0, 0.0], 8, 1, 10) == [4, 4]          # no preference: equal shares
     assert ranks_from_scores([1.0, 0.0], 8, 1, 10) == [7, 1]
+
+
+def test_subnormal_score_is_ranked_like_a_tiny_one_not_the_largest():
+    # 2.2e-313 / 2 needs a water level beyond the largest float: the result must still be
+    # monotone in the scores (it once gave [31, 30, 30, 30, 30, 30]) and use the budget fully.
+    scores = [1.0, 1.0, 1.0, 1.0, 2.0, 2.2250738585e-313]
+    ranks = ranks_from_scores(scores, 181, 2, 32)
+    assert ranks == [32, 32, 32, 32, 32, 21] == ranks_from_scores(scores[:5] + [0.0], 181, 2, 32)
+    assert ranks_from_scores([v * 2.0 ** -8 for v in scores], 181, 2, 32) == ranks
+    # equal deficits: the extra rank goes to the higher score (the tiny one), not the earlier zero
+    assert ranks_from_scores([0.0, 100.0, 5e-324], 37, 2, 32) == [2, 32, 3]
 
 
 def test_ranks_bad_input():

@@ -286,7 +286,8 @@ def test_controller_decisions_fill_but_never_exceed_the_cap(decisions, slack, ra
         assert ctrl.step(step, scores) and ctrl.ranks() == plan
         assert ctrl.adapter_bytes() == ctrl.planned_bytes(plan) <= cap
         for n, layer in ctrl.layers:
-            if plan[n] > old[n] and plan[n] < min(old[n] + rank_step, 8):   # a trimmed grow: no more room
+            ceiling = min(old[n] + rank_step, 8, layer.in_features, layer.out_features)
+            if plan[n] > old[n] and plan[n] < ceiling:                      # a trimmed grow: no more room
                 assert ctrl.planned_bytes({**plan, n: plan[n] + 1}) > cap
     assert [h["step"] for h in ctrl.rank_history] == list(range(len(decisions) + 1))
 
@@ -363,3 +364,11 @@ def test_finish_raises_when_never_stepped():
         alloc.finish(10)
     NullAllocator(net).finish(10)
     assert NullAllocator(net).rank_history[0]["ranks"] == {"layers.0": 4, "layers.1": 4, "layers.2": 4}
+
+
+def test_plan_fills_free_budget_without_shrinking():
+    net = Net(ranks=(4, 4, 4))
+    ctrl = RankController(net, ControllerConfig(rank_step=2, r_min=2, r_max=16, n_change=2))
+    ctrl.config.memory_cap_bytes = ctrl.planned_bytes({n: 8 for n in ctrl.ranks()})
+    plan = ctrl.plan({"layers.0": 1.0, "layers.1": 9.0, "layers.2": 0.1})
+    assert plan == {"layers.0": 6, "layers.1": 6, "layers.2": 4}       # room left: nobody shrinks

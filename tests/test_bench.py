@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from trainers.bench import timing
-from trainers.bench.timing import (Row, Settings, Timing, fit_loglog, format_table, make_row, meets, paired_ratios,
+from trainers.bench.timing import (Settings, Timing, fit_loglog, format_table, make_row, meets, paired_ratios,
                                    ratio, skip_row, time_interleaved)
 from trainers.device import Runtime
 
@@ -26,23 +26,25 @@ def _settings(**kw):
 
 
 def test_interleaved_calls_and_rotation(monkeypatch):
-    """Each candidate is warmed up then timed `repeats` times, in a rotated order each round."""
+    """Each candidate gets a cold call and `warmup` more, then is timed `repeats` times; the order
+    rotates each round and runs backwards every other round."""
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     out = time_interleaved(fns, _settings(warmup=2, repeats=3, max_number=1))
-    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]                # warm-up, per candidate
-    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rounds, rotated
+    assert calls[:9] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3             # cold + warm-up, per candidate
+    assert calls[9:] == ["a", "b", "c", "a", "c", "b", "c", "a", "b"]  # rotated, odd rounds reversed
     assert set(out) == {"a", "b", "c"} and all(len(t.times) == 3 for t in out.values())
 
 
 def test_calls_per_sample_follow_min_time(monkeypatch):
-    """With a fake clock where each call takes 1 ms, min_time 10 ms gives 10 calls per sample
-    and per-call times of 1 ms exactly."""
-    now = [0.0]
+    """With a fake clock where each call takes 1 ms (the cold first one 50 ms), min_time 10 ms
+    gives 10 calls per sample and per-call times of 1 ms exactly."""
+    now, calls = [0.0], [0]
     monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
 
     def tick():
-        now[0] += 1e-3
+        calls[0] += 1
+        now[0] += 0.05 if calls[0] == 1 else 1e-3
     out = time_interleaved({"f": tick}, _settings(min_time=0.01, repeats=4))
     assert out["f"].number == 10
     assert out["f"].times == pytest.approx([1e-3] * 4)

@@ -142,7 +142,7 @@ def test_no_weights_corrupt_files_and_bad_names(tmp_path):
         load_hf_model(tmp_path / "good")
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a hub id"):
         resolve_source(str(tmp_path / "absent"))
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(NotADirectoryError, match="expected a folder holding config.json and weights, got the file"):
         resolve_source(tmp_path / "good" / "config.json")
 
 
@@ -252,7 +252,7 @@ def test_llama2c_bad_files(tmp_path):
     (tmp_path / "v1.bin").write_bytes(struct.pack("<Ii", 0x616B3432, 1) + good[8:])
     with pytest.raises(ValueError, match="versioned llama2.c export"):
         load_llama2c(tmp_path / "v1.bin")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="absent.bin.* not found"):
         load_llama2c(tmp_path / "absent.bin")
 
 

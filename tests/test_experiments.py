@@ -72,6 +72,8 @@ def test_bad_configs_say_what_is_wrong():
         ExperimentConfig("x", method="full", quant=4)
     with pytest.raises(ValueError, match="quant must be one of"):
         ExperimentConfig("x", quant=3)
+    with pytest.raises(ValueError, match="rank_pattern is used only with allocation='manual'"):
+        ExperimentConfig("x", rank_pattern={"c_attn": 4})
     with pytest.raises(KeyError, match="known configs: B-FP"):
         get_config("B-F")
 

@@ -123,6 +123,17 @@ def test_rank_pattern_key_matches_at_dot_boundary():
     assert layers["layers.0.my_q_proj"].rank == 4                       # "my_q_proj" does not end in ".q_proj"
 
 
+@pytest.mark.parametrize("pattern", ["rank_pattern", "alpha_pattern"])
+def test_pattern_key_matching_no_adapted_module_is_an_error(pattern):
+    model = Tiny()
+    with pytest.raises(ValueError, match=rf"{pattern} key 'k_proj' matches none of the adapted modules.*"
+                                         r"layers\.0\.q_proj"):
+        add_lora_to_model(model, target_modules=["q_proj"], **{pattern: {"k_proj": 2}})
+    with pytest.raises(ValueError, match=f"{pattern} key 'v_proj'"):       # a module, but not a target
+        add_lora_to_model(model, target_modules=["q_proj"], **{pattern: {"v_proj": 2}})
+    assert adapter_layers(model) == [] and all(p.requires_grad for p in model.parameters())
+
+
 def test_unknown_target_lists_candidates():
     model = Tiny()
     with pytest.raises(ValueError) as err:

@@ -39,7 +39,7 @@ def test_build_model_from_config_picks_family_and_overrides():
     assert type(build_model(GPT2Config.tiny())).__name__ == "GPT2LMHeadModel"
     model = build_model("distilbert-cls", DistilBertConfig.tiny(), num_labels=5)
     assert model.classifier.out_features == 5
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"build_model\('gpt2'\): expected a GPT2Config, got LlamaConfig"):
         build_model("gpt2", LlamaConfig.tiny())
 
 

@@ -97,7 +97,7 @@ def test_bpe_from_files_equals_from_texts(tmp_path, bpe):
     assert from_file.encode("the cat and the dog") == bpe.encode("the cat and the dog")
     with pytest.raises(ValueError, match="at least 257"):
         train_bpe_tokenizer(CORPUS, vocab_size=100)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"only texts \(str\) or only files.*got .*\['\w*Path', 'str'\]"):
         train_bpe_tokenizer(["text", file], vocab_size=300)
     with pytest.raises(FileNotFoundError, match="absent.txt"):
         train_bpe_tokenizer([tmp_path / "absent.txt"], vocab_size=300)
@@ -156,7 +156,7 @@ def test_missing_and_corrupt_tokenizer_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read .*tokenizer.json"):
         load_tokenizer(tmp_path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="nowhere.*neither a local folder nor a hub id"):
         load_tokenizer(str(tmp_path / "nowhere" / "x"))
 
 

@@ -86,6 +86,9 @@ class ExperimentConfig:
             raise ValueError(f"{self.name}: method 'adalora' and allocation 'adalora' go together")
         if self.r < 1:
             raise ValueError(f"{self.name}: r must be >= 1, got {self.r}")
+        if self.rank_pattern and self.allocation != "manual":
+            raise ValueError(f"{self.name}: rank_pattern is used only with allocation='manual' (the other "
+                             f"allocations choose the ranks), got allocation={self.allocation!r}")
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
 
@@ -229,9 +232,11 @@ def prepare(model: nn.Module, exp: ExperimentConfig, calibration: Callable[[], I
     # 4. allocator
     if exp.allocation == "curvature":
         cap = sum(training_bytes(adapter_params(i, o, budget_rank, exp.method)) for i, o in shapes.values())
-        interval = max(1, (steps or 400) // 8)
+        # Ten decisions over the run, each growing a third of the layers by 2: from r=4 the
+        # budget of uniform r=8 fills in about half of them, then rank flows to curved layers.
+        interval = max(1, (steps or 400) // 10)
         cfg = ControllerConfig(interval=interval, warmup=interval, r_min=2, r_max=4 * budget_rank,
-                               memory_cap_bytes=cap)
+                               n_change=max(1, len(shapes) // 3), memory_cap_bytes=cap)
         return model, CurvatureRankAllocator(model, cfg)
     if exp.allocation == "adalora":
         return model, _adalora_allocator(model, exp, steps)

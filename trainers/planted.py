@@ -251,8 +251,9 @@ def experiment_for(label: str, cfg: PlantedConfig):
     from trainers.experiments import CONFIGS
     if label == ORACLE:
         planted = {n: k for n, k in cfg.planted_ranks().items() if k > 0}
-        return dataclasses.replace(CONFIGS["B-FP"], name="Oracle", allocation="manual", target_modules=tuple(planted),
-                                   rank_pattern=dict(planted),
+        # prepare() reads rank_pattern only with allocation="manual"
+        return dataclasses.replace(CONFIGS["B-FP"], name="Oracle", allocation="manual",
+                                   target_modules=tuple(planted), rank_pattern=dict(planted),
                                    description="LoRA given the planted ranks (rank_pattern); no adapter where k=0")
     exp = dataclasses.replace(CONFIGS[dict(METHODS)[label]], target_modules=MODULES)
     if exp.allocation == "adalora":
@@ -398,7 +399,8 @@ def main(argv=None) -> int:
         description="Planted-rank benchmark (offline, no data files): weight updates of known ranks are "
                     "planted in a small teacher; LoRA, QLoRA, AdaLoRA, SADRA and DRaFT-Q fine-tune the base "
                     "at the same adapter budget, against an oracle given the planted ranks.")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 600; 400 with --quick)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per method (default 600; 400 with --quick)")
     parser.add_argument("--out", type=Path, default=Path("results"),
                         help="results root; a new planted-<timestamp> folder is made inside (default ./results)")
     parser.add_argument("--quick", action="store_true", help="a small, fast setting (what the tests run)")

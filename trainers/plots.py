@@ -156,6 +156,8 @@ def plot_rank_ablation(rows: list[dict], path: Path, *, title: str = "rank ablat
     for r in full:
         ax.axhline(_number(r["metric_value"]), color="k", linestyle="--", label=f"full fine-tuning {metric}")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
     ax.set_xlabel("rank r")
     ax.set_ylabel(str(metric))
     ax.grid(alpha=0.3)

@@ -159,7 +159,9 @@ def train_bpe_tokenizer(source: Iterable, vocab_size: int, min_frequency: int = 
     elif all(isinstance(x, str) for x in items):
         tok.train_from_iterator(items, trainer)
     else:
-        raise TypeError("train_bpe_tokenizer: source must hold only texts (str) or only files (pathlib.Path)")
+        kinds = sorted({type(x).__name__ for x in items})
+        raise TypeError(f"train_bpe_tokenizer: source must hold only texts (str) or only files (pathlib.Path), "
+                        f"got items of types {kinds}")
     return HFTokenizer(tok)
 
 

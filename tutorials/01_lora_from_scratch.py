@@ -115,7 +115,7 @@ for rank in (1, 4):
         loss.backward()
         opt.step()
         curves[rank].append(loss.item())
-    print(f"r = {rank}: loss {curves[rank][0]:.4f} -> {curves[rank][-1]:.6f}   "
+    print(f"r = {rank}: loss {curves[rank][0]:.4f} -> {curves[rank][-1]:.2e}   "
           f"trainable = {sum(p.numel() for p in student.adapter_parameters())} numbers "
           f"(full ΔW would be {d_in * d_out})")
 
@@ -123,6 +123,9 @@ for rank in (1, 4):
 S = torch.linalg.svdvals(delta_true)
 print("singular values of the true ΔW*:", [round(v, 3) for v in S[:6].tolist()])
 print(f"share of ||ΔW*||² that rank 1 can capture: {(S[0] ** 2 / (S ** 2).sum()).item():.1%}")
+# With x ~ N(0, I), the mean squared error of a weight error E is ||E||_F² / out, so the
+# best r = 1 can reach is what the directions it cannot hold carry: (σ_2² + σ_3² + ...) / out.
+print(f"best possible loss for r = 1: {((S[1:] ** 2).sum() / d_out).item():.4f}  (reached: {curves[1][-1]:.4f})")
 
 # %% [markdown]
 # ## Merge and unmerge

@@ -36,6 +36,8 @@ from trainers.train import TrainConfig, train
 
 torch.manual_seed(0)
 print("fast mode" if FAST else "full mode")
+if FAST:  # tiny models: a second intra-op thread only adds synchronisation (as in tests/conftest.py)
+    torch.set_num_threads(1)
 
 # %% [markdown]
 # ## The cubic schedule
@@ -44,7 +46,7 @@ print("fast mode" if FAST else "full mode")
 # `trainers.experiments.SparsityAllocator` (the trainer's Sparse LoRA schedule) does.
 
 # %%
-steps = fast(300, 40)
+steps = fast(300, 25)
 start, end = steps // 10, (7 * steps) // 10
 for t in range(0, steps + 1, max(1, steps // 10)):
     print(f"step {t:4d}: target sparsity {cubic_sparsity(t, start, end, 0.75):.3f}")
@@ -68,7 +70,7 @@ if HAVE_DATA:
     batch_size, lr, targets, key = fast(16, 8), 3e-3, ["q_proj", "v_proj"], "loss"
     data = load_task_for("tiny_shakespeare", tokenizer, max_length=block, limit=steps * batch_size)
     batches = lambda epoch: data.batches("train", batch_size, shuffle=True, seed=epoch, drop_last=True)  # noqa: E731
-    evaluate = make_evaluator(data, max_examples=fast(256, 64))
+    evaluate = make_evaluator(data, max_examples=fast(256, 48))
 else:
     print("stories260K / Tiny Shakespeare not found: using the synthetic planted-rank MLP instead")
     from trainers.planted import PlantedConfig, PlantedTask, build_planted
@@ -155,7 +157,7 @@ save_figure(fig, "04_loss_vs_sparsity")
 # | | unstructured (masked entries) | structured (rank k = (1-s) r) |
 # |---|---|---|
 # | nonzero parameters | (1 - s) r (in + out) | k (in + out) |
-# | storage | values + indices or a bitmask: with a 1-bit mask, 4 (1-s) n + n/8 bytes; with 32-bit indices (COO), no saving until s > 1/2 | 4 k (in + out) bytes, nothing else |
+# | storage | values + indices or a bitmask: with a 1-bit mask, 4 (1-s) n + n/8 bytes; with a 32-bit column index per value (CSR), no saving until s > 1/2 | 4 k (in + out) bytes, nothing else |
 # | forward FLOPs with dense kernels | unchanged: zeros are multiplied like any number (plus the cost of applying the mask) | k (in + out) per token instead of r (in + out) |
 # | optimizer state (Adam) | unchanged: masked entries still have moments | shrinks with k |
 #

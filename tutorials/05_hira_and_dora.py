@@ -34,12 +34,14 @@ import copy
 import torch
 import torch.nn as nn
 
-from lora import DoRALinear, HiRALinear, LoRALinear, adapter_layers, add_lora_to_model, count_parameters
+from lora import DoRALinear, HiRALinear, LoRALinear, add_lora_to_model, count_parameters
 from trainers.notebook import FAST, fast, local_data, pyplot, save_figure
 from trainers.train import TrainConfig, train
 
 torch.manual_seed(0)
 print("fast mode" if FAST else "full mode")
+if FAST:  # tiny models: a second intra-op thread only adds synchronisation (as in tests/conftest.py)
+    torch.set_num_threads(1)
 
 # %% [markdown]
 # ## HiRA's update is high rank: check it
@@ -121,9 +123,10 @@ magnitude = (torch.rand(d, 1) + 0.5) * W0 - W0
 targets = {name: delta * (0.5 * norm0 / delta.norm())      # every ΔW* of size ||W0|| / 2
            for name, delta in (("low rank", low_rank), ("Hadamard", hadamard), ("magnitude", magnitude))}
 for name, delta in targets.items():
-    print(f"{name:10s} ΔW*: rank {torch.linalg.matrix_rank(delta).item():2d}, ||ΔW*|| / ||W0|| = {(delta.norm() / norm0).item():.2f}")
+    print(f"{name:10s} ΔW*: rank {torch.linalg.matrix_rank(delta).item():2d}, "
+          f"||ΔW*|| / ||W0|| = {(delta.norm() / norm0).item():.2f}")
 
-fit_steps, r = fast(800, 150), 4
+fit_steps, r = fast(800, 120), 4
 classes = {"LoRA": LoRALinear, "HiRA": HiRALinear, "DoRA": DoRALinear}
 fit_curves = {}
 for target_name, delta in targets.items():
@@ -160,14 +163,14 @@ for target_name, delta in targets.items():
 root = local_data("stories260K + Tiny Shakespeare", "karpathy/tinyllamas")
 HAVE_DATA = (root is not None and (root / "stories260K" / "stories260K.bin").exists()
              and (root / "tiny_shakespeare" / "input.txt").exists())
-steps, block = fast(300, 30), fast(64, 32)
+steps, block = fast(300, 20), fast(64, 32)
 if HAVE_DATA:
     from trainers.experiments import load_model, load_task_for, make_evaluator
     base_model, tokenizer = load_model("stories260K", "tiny_shakespeare", max_length=block)
     batch_size, lr, target_modules, key = fast(16, 8), 3e-3, ["q_proj", "v_proj"], "loss"
     data = load_task_for("tiny_shakespeare", tokenizer, max_length=block, limit=steps * batch_size)
     batches = lambda epoch: data.batches("train", batch_size, shuffle=True, seed=epoch, drop_last=True)  # noqa: E731
-    evaluate = make_evaluator(data, max_examples=fast(256, 64))
+    evaluate = make_evaluator(data, max_examples=fast(256, 48))
     what = "stories260K on Tiny Shakespeare"
 else:
     print("stories260K / Tiny Shakespeare not found: using the synthetic planted-rank MLP instead")
@@ -196,7 +199,7 @@ for label, method, run_lr in (("LoRA", "lora", lr), ("HiRA", "hira", lr), ("DoRA
 
 # %% [markdown]
 # HiRA at the same learning rate as LoRA moves slowly: its update is s W0 ⊙ B A, and
-# the entries of W0 are small (about 1 / sqrt(in)), so the same change of B and A
+# the entries of W0 are small (of order 1 / sqrt(in) or less), so the same change of B and A
 # changes the weights far less. That is why the last run gives HiRA a ten times larger
 # learning rate: comparing methods "at equal settings" can mean comparing one tuned
 # method with an untuned one. Tune each method's learning rate before ranking them.

@@ -14,7 +14,6 @@ c_attn, batch 4 x 64, AdamW.
 """
 from __future__ import annotations
 
-import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from allocation.controller import ControllerConfig, RankController
@@ -22,8 +21,8 @@ from allocation.curvature import CurvatureTracker
 from allocation.hutchinson import hessian_traces
 from lora import adapter_layers
 from trainers.bench import workloads as W
-from trainers.bench.layers import _fill_b
-from trainers.bench.timing import Settings, compare_row, time_interleaved
+from trainers.bench.layers import fill_zero_factors
+from trainers.bench.timing import Settings, Timing, compare_row, time_interleaved
 
 SECTION = "alloc"
 ROWS = ("Hutchinson probe / forward+backward", "EMA tracker (grad_sq) / training step",
@@ -59,7 +58,7 @@ def run(settings: Settings) -> list:
     # Training step, tracker and controller on a LoRA model.
     model = W.ours("lora", config, device)
     for _, layer in adapter_layers(model):
-        _fill_b(layer)
+        fill_zero_factors(layer)
     step = W.train_step(model, "lora", idx)
     step()                                                  # AdamW state exists from here on
     loss = W.lm_loss(model, "lora", idx)
@@ -95,6 +94,6 @@ def run(settings: Settings) -> list:
     return rows
 
 
-def _per_sample(timing):
-    from trainers.bench.timing import Timing
+def _per_sample(timing: Timing) -> Timing:
+    """hessian_traces ran two samples per call: the time of one."""
     return Timing(timing.name, [x / 2 for x in timing.times], timing.number)

@@ -17,7 +17,7 @@ import torch
 
 from lora import LoraConfig, SparseLoRALinear, adapter_layers, add_lora_to_model
 from trainers.bench import workloads as W
-from trainers.bench.layers import _fill_b
+from trainers.bench.layers import fill_zero_factors
 from trainers.bench.timing import Settings, compare_row, time_interleaved
 from trainers.models import GPT2LMHeadModel
 
@@ -45,7 +45,7 @@ def _model(kind: str, config, device):
         method = "sparse" if kind == "sparse" else "lora"
         add_lora_to_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, method=method))
         for _, layer in adapter_layers(model):
-            _fill_b(layer)
+            fill_zero_factors(layer)
             if isinstance(layer, SparseLoRALinear):
                 layer.prune_ranks(4)
             if kind == "merged":

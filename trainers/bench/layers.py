@@ -53,7 +53,7 @@ def _peft_layer(kind: str, base: nn.Linear) -> nn.Module | None:
     return peft.get_peft_model(holder, cfg).base_model.model.proj
 
 
-def _fill_b(layer: nn.Module) -> None:
+def fill_zero_factors(layer: nn.Module) -> None:
     """Small random values in every zero-initialised trainable factor (B, or AdaLoRA's E)."""
     with torch.no_grad():
         for name, p in layer.named_parameters():
@@ -86,12 +86,12 @@ def run(settings: Settings) -> list:
         base_copy = nn.Linear(D, D).to(device)
         base_copy.load_state_dict(base.state_dict())
         layer = cls(base_copy, rank=RANK, alpha=16)
-        _fill_b(layer)
+        fill_zero_factors(layer)
         ours[kind] = layer
         fns[kind] = fwd_bwd(layer, x, g)
         ref = _peft_layer(kind, base)
         if ref is not None:
-            _fill_b(ref)
+            fill_zero_factors(ref)
             theirs[kind] = ref
             fns[f"peft_{kind}"] = fwd_bwd(ref, x, g)
     t = time_interleaved(fns, settings)

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from lora import LoRALinear
 from quantization import dequantize_nf4, quantize_nf4
-from trainers.bench.layers import _fill_b, fwd_bwd
+from trainers.bench.layers import fill_zero_factors, fwd_bwd
 from trainers.bench.timing import Settings, Timing, fit_loglog, make_row, time_interleaved
 
 SECTION = "scaling"
@@ -30,7 +30,7 @@ ROWS = ("LoRA step time ~ d^p (r=8)", "LoRA step time ~ r^p (d=768)", "LoRA extr
 
 def _lora(d: int, r: int, device) -> LoRALinear:
     layer = LoRALinear(nn.Linear(d, d).to(device), rank=r, alpha=16)
-    _fill_b(layer)
+    fill_zero_factors(layer)
     return layer
 
 

@@ -2,7 +2,8 @@
 timed in the same process, interleaved, so that a noisy shared machine slows both alike.
 
     for each repeat k = 1..R (after warm-up):
-        for each candidate f in a rotated order:         (rotation: nobody is always first)
+        for each candidate f, in an order rotated by k and reversed when k is odd
+        (nobody is always first, or always right after the same candidate):
             t_f[k] = time of `number_f` calls of f / number_f
     ratio(a, b) = median_k  t_a[k] / t_b[k]             (paired: a and b ran in the same round)
 
@@ -34,9 +35,9 @@ class Settings:
     runtime: Runtime
     quick: bool = False
     repeats: int = 5          # timed rounds after warm-up (the median is over these)
-    warmup: int = 1           # untimed calls of each candidate first
+    warmup: int = 1           # calls after the first (cold) one, before the timed rounds
     min_time: float = 0.05    # seconds one timed sample should last (calls are batched up to it)
-    max_number: int = 50      # at most this many calls per sample
+    max_number: int = 200     # at most this many calls per sample
 
     @property
     def device(self):
@@ -57,11 +58,12 @@ class Timing:
 
 def time_interleaved(fns: Mapping[str, Callable[[], object]], settings: Settings,
                      repeats: int | None = None) -> dict[str, Timing]:
-    """Time each candidate `repeats` times, interleaved, after `settings.warmup` untimed calls.
+    """Time each candidate `repeats` times, interleaved, after one cold call and `settings.warmup` more.
 
     Each candidate gets its own number of calls per sample (enough to last
-    `settings.min_time`, from its warm-up time), so a 1 ms and a 1 s function are
-    both timed with a clock resolution that does not matter. Returns per-call times.
+    `settings.min_time`, judged from its fastest warm-up call, never the cold one),
+    so a 1 ms and a 1 s function are both timed with a clock resolution that does
+    not matter. Returns per-call times.
     """
     if not fns:
         raise ValueError("time_interleaved: no candidates given")
@@ -72,13 +74,14 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], settings: Settings
     names = list(fns)
     number = {}
     for name in names:
-        t = _clocked(fns[name], 1, sync)             # first call: allocations, lazy init
-        for _ in range(settings.warmup - 1):
-            t = _clocked(fns[name], 1, sync)
+        _clocked(fns[name], 1, sync)                 # a cold call (allocations, lazy init): not a guide
+        t = min(_clocked(fns[name], 1, sync) for _ in range(max(1, settings.warmup)))
         number[name] = max(1, min(settings.max_number, math.ceil(settings.min_time / max(t, 1e-9))))
     times: dict[str, list[float]] = {name: [] for name in names}
     for k in range(repeats):
         order = names[k % len(names):] + names[:k % len(names)]
+        if k % 2:
+            order.reverse()                          # so nobody always runs right after the same one
         gc.collect()
         gc.disable()
         try:

@@ -131,7 +131,7 @@ def run(settings: Settings) -> list:
     fns = {}
     for kind in kinds:
         fns[kind] = W.train_step(W.build(kind, config, device), kind, idx)
-    t = time_interleaved(fns, settings, repeats=max(2, settings.repeats - 2))
+    t = time_interleaved(fns, settings)
     tokens = batch * seq
     per_s = {k: f"{tokens / t[k].median:.0f} tok/s" for k in kinds}
     rows = [compare_row(SECTION, "LoRA tokens/s / full FT tokens/s", t["full"], t["lora"], None,

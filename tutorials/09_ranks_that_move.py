@@ -1,0 +1,221 @@
+# %% [markdown]
+# # 9. Ranks that move during training
+#
+# Tutorial 8 chose ranks once, before training, from the curvature at the start. Two
+# methods let the ranks change *while* training, from what the gradients say:
+#
+# - **AdaLoRA** (Zhang et al. 2023, "AdaLoRA: Adaptive Budget Allocation for
+#   Parameter-Efficient Fine-Tuning", arXiv:2303.10512) writes each update in SVD form
+#   ΔW = P Λ Q, starts every layer at a generous rank, scores each singular triplet
+#   (P[:, i], λ_i, Q[i]) by importance, and prunes the least important ones down a cubic
+#   budget schedule until the average rank reaches its target.
+# - **DRaFT-Q** (this project's recipe, `allocation/controller.py`) starts small, keeps an
+#   exponential moving average of a curvature signal per layer, and every K steps grows the
+#   most curved layer and shrinks the least curved one, under a hard cap on the adapters'
+#   training memory, rolling a change back if it would break the cap.
+#
+# To see whether the ranks go where they should, we need a problem whose answer is known:
+# the **planted-rank problem** of `trainers/planted.py`. A teacher network differs from the
+# base by weight updates of known ranks (0, 1, 2, 4, 8, 16 in different layers); a student
+# with adapters on the frozen base learns to imitate it. A layer whose rank is below its
+# planted rank cannot represent its update, so where the rank goes decides the loss.
+# It needs no data files and no network.
+
+# %%
+import copy
+
+import torch
+
+from allocation import (AdaLoRAAllocator, AdaLoRAConfig, ControllerConfig, CurvatureRankAllocator,
+                        budget_schedule)
+from allocation.budget import adapter_params, training_bytes
+from lora import add_lora_to_model, lora_state_dict
+from quantization import quantize_model
+from trainers.notebook import FAST, fast, figure_dir, pyplot, save_figure
+from trainers.planted import PlantedConfig, PlantedTask, build_planted, spearman
+from trainers.plots import plot_rank_heatmap
+from trainers.train import TrainConfig, train
+
+torch.manual_seed(0)
+plt = pyplot()
+print("fast mode" if FAST else "full mode")
+
+cfg = PlantedConfig(dim=64, steps=600) if not FAST else PlantedConfig.quick(steps=100)
+base, teacher, planted = build_planted(cfg)
+task = PlantedTask(teacher, cfg)
+names = list(planted)
+print(f"{len(names)} layers of ({cfg.dim} x {cfg.dim}); planted ranks:", planted)
+print(f"base model's held-out MSE before any training: {task.evaluate(base)['mse']:.4g}")
+
+def batches(epoch):
+    return task.batches("train", cfg.batch_size, seed=epoch)
+
+train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=max(1, cfg.steps // 20),
+                        eval_every=0, progress=False, device="cpu")
+
+# %% [markdown]
+# ## AdaLoRA's importance score
+#
+# For every trainable entry w of P, Λ and Q, after each backward pass (paper eqs. 8-10):
+#
+#     I_t = |w · ∂L/∂w|                           sensitivity: first-order loss change if w were zeroed
+#     Ī_t = β₁ Ī_{t-1} + (1 - β₁) I_t             smoothed sensitivity
+#     Ū_t = β₂ Ū_{t-1} + (1 - β₂) |I_t - Ī_t|     uncertainty: how much I_t fluctuates
+#     s_t = Ī_t · Ū_t
+#
+# and a triplet's score adds its singular value's s to the mean s of its column of P and row
+# of Q (eq. 11). Multiplying by the uncertainty favours entries whose importance is still
+# being established (the paper's argument: a reliably unimportant entry can go).
+#
+# ## The cubic budget schedule
+#
+# The total number of active triplets b(t) stays at the initial b₀ for a warm-up of t_i steps,
+# falls along a cubic to the target b_T, and stays there for the final t_f steps (eq. 12):
+#
+#     b(t) = b_T + (b₀ - b_T) (1 - (t - t_i) / (T - t_i - t_f))³      for t_i <= t < T - t_f
+#
+# The cubic prunes fast at first, while there is plenty of budget to lose, and gently near the
+# end, when each triplet matters more. Here: start at r = 16 per layer, end at an average of
+# r = 8 (the same budget as uniform LoRA r = 8), warm-up 10 %, final phase 20 %.
+
+# %%
+T = cfg.steps
+ada_cfg = AdaLoRAConfig(init_r=2 * cfg.budget_rank, target_r=cfg.budget_rank, tinit=T // 10, tfinal=T // 5,
+                        deltaT=max(1, T // 100))
+b0, bT = ada_cfg.init_r * len(names), ada_cfg.target_r * len(names)
+schedule = [budget_schedule(t, T, b0, bT, ada_cfg.tinit, ada_cfg.tfinal) for t in range(T)]
+print(f"b0 = {b0}, bT = {bT}; b(t) at t = 0, T/4, T/2, 3T/4, T-1:",
+      [schedule[t] for t in (0, T // 4, T // 2, 3 * T // 4, T - 1)])
+
+fig, ax = plt.subplots(figsize=(6.5, 3.6))
+ax.plot(range(T), schedule)
+ax.axvspan(0, ada_cfg.tinit, color="tab:green", alpha=0.15, label="warm-up (no pruning)")
+ax.axvspan(T - ada_cfg.tfinal, T, color="tab:red", alpha=0.15, label="final phase (mask frozen)")
+ax.set_xlabel("step t")
+ax.set_ylabel("budget b(t): active triplets, all layers")
+ax.set_title("AdaLoRA's cubic budget schedule")
+ax.legend(fontsize=8)
+ax.grid(alpha=0.3)
+save_figure(fig, "09_budget_schedule")
+
+# %% [markdown]
+# ## Training with AdaLoRA
+#
+# `add_lora_to_model(..., method="adalora")` builds `SVDLoRALinear` adapters (P, Λ, Q and a
+# 0/1 `rank_mask`); `AdaLoRAAllocator` plugs into the training loop through the allocator
+# protocol: `on_step` (after backward) updates the importance, `after_step` (after the optimizer
+# step) masks to the budget, and `regularization` adds the orthogonality penalty
+# γ (||PᵀP - I||² + ||QQᵀ - I||²) to the loss, which keeps λ the size of a real direction.
+
+# %%
+torch.manual_seed(0)
+ada_model = add_lora_to_model(copy.deepcopy(base), r=ada_cfg.init_r, lora_alpha=2 * ada_cfg.init_r,
+                              target_modules=["fc1", "fc2"], method="adalora")
+ada = AdaLoRAAllocator(ada_model, ada_cfg, total_steps=T)
+ada_result = train(ada_model, batches, train_cfg, allocator=ada, evaluate=task.evaluate)
+ada_ranks = ada.ranks()
+print(f"AdaLoRA: held-out MSE {ada_result.metrics['mse']:.4g}, {len(ada.rank_history)} masking events, "
+      f"final total rank {sum(ada_ranks.values())} (budget {bT})")
+
+scores = ada.triplet_scores()
+layer = max(planted, key=planted.get)
+order = torch.argsort(scores[layer], descending=True)
+print(f"\ntriplet scores of {layer} (planted rank {planted[layer]}), highest first, * = kept:")
+mask = ada_model.get_submodule(layer).rank_mask                 # (r,) 1 = active triplet
+print("  " + "  ".join(f"{scores[layer][i].item():.1e}{'*' if mask[i] else ''}" for i in order[:12].tolist()))
+
+# %% [markdown]
+# ## DRaFT-Q: curvature EMA, a memory cap, and rollback
+#
+# Every step, with no extra backward pass, `CurvatureTracker` reads each layer's adapter
+# gradients and updates an EMA of the mean squared gradient (the diagonal of the empirical
+# Fisher, a standard curvature proxy):
+#
+#     c_t = β c_{t-1} + (1 - β) ||g_t||² / n          (n = the layer's adapter parameter count)
+#
+# Every K steps the controller grows the layer with the largest c by `rank_step` and shrinks
+# the one with the smallest. A grow appends zero columns to B, so the layer's output does
+# not change at that moment; a shrink keeps the best rank-k approximation of B A (truncated
+# SVD). Adam's moments are carried over to the new shapes, not reset.
+#
+# The cap is on the adapters' training bytes (weights + gradients + two AdamW moments): here
+# the bytes of uniform r = 8, while the adapters start at r = 4. The plan is checked against
+# the byte accounting first; after applying it the bytes are *measured*, and if they are over
+# the cap, everything (factors, scaling, optimizer state) is restored to the snapshot taken
+# just before. DRaFT-Q runs on a 4-bit (NF4) base, as in the matrix.
+
+# %%
+torch.manual_seed(0)
+draft_model = quantize_model(copy.deepcopy(base), bits=4)
+add_lora_to_model(draft_model, r=4, lora_alpha=16, target_modules=["fc1", "fc2"])
+cap = sum(training_bytes(adapter_params(cfg.dim, cfg.dim, cfg.budget_rank)) for _ in names)
+interval = max(1, T // 8)
+draft = CurvatureRankAllocator(draft_model, ControllerConfig(interval=interval, warmup=interval, r_min=2,
+                                                             r_max=4 * cfg.budget_rank, memory_cap_bytes=cap))
+draft_result = train(draft_model, batches, train_cfg, allocator=draft, evaluate=task.evaluate)
+draft_ranks = draft.rank_history[-1]["ranks"]
+print(f"DRaFT-Q: held-out MSE {draft_result.metrics['mse']:.4g}; adapter training bytes "
+      f"{draft.controller.adapter_bytes():,} of the cap {cap:,}; rollbacks during training: "
+      f"{draft.controller.n_rollbacks}")
+print("EMA curvature per layer at the end:", {k: f"{v:.2e}" for k, v in draft.tracker.scores().items()})
+
+# %% [markdown]
+# During training the plan already fits the cap, so rollbacks are rare. To watch one, ask the
+# controller for an allocation that cannot fit: every layer 8 ranks larger. `apply_ranks`
+# resizes for real, measures, finds the bytes over the cap, and restores the snapshot: the
+# factors and the optimizer moments come back bit for bit.
+
+# %%
+controller = draft.controller
+optimizer = torch.optim.AdamW([p for p in draft_model.parameters() if p.requires_grad], lr=1e-3)
+batch = next(iter(batches(99)))
+draft_model(batch["input_ids"], targets=batch["labels"])[1].backward()
+optimizer.step()                                             # now the optimizer has moments to carry
+optimizer.zero_grad(set_to_none=True)
+before = {k: v.clone() for k, v in lora_state_dict(draft_model).items()}
+moments_before = [optimizer.state[p]["exp_avg"].clone() for p in optimizer.param_groups[0]["params"]]
+ranks_before = controller.ranks()
+too_big = {n: r + 8 for n, r in ranks_before.items()}
+print(f"asking for {controller.planned_bytes(too_big):,} bytes under a cap of {cap:,}")
+kept = controller.apply_ranks(too_big, optimizer)
+after = lora_state_dict(draft_model)
+moments_after = [optimizer.state[p]["exp_avg"] for p in optimizer.param_groups[0]["params"]]
+print(f"kept: {kept}; ranks unchanged: {controller.ranks() == ranks_before}; factors restored bit for bit: "
+      f"{all(torch.equal(before[k], after[k]) for k in before)}; Adam moments restored: "
+      f"{all(torch.equal(a, b) for a, b in zip(moments_before, moments_after))}")
+
+# %% [markdown]
+# ## Where did the ranks go?
+#
+# `rank_history` is a list of {step, ranks} snapshots, one per masking event or rank decision.
+# `trainers.plots.plot_rank_heatmap` draws the final ranks as a layer x module grid next to the
+# planted ranks, and every layer's rank over the steps. Spearman's ρ compares the *order* of the
+# final ranks with the planted ones (1 = same order).
+
+# %%
+planted_order = [planted[n] for n in names]
+for label, ranks, history in (("AdaLoRA", ada_ranks, ada.rank_history),
+                              ("DRaFT-Q", draft_ranks, draft.rank_history)):
+    rho = spearman([ranks[n] for n in names], planted_order)
+    print(f"{label}: Spearman rho with the planted ranks = {rho:.2f}")
+    path = plot_rank_heatmap(history, figure_dir() / f"09_rank_heatmap_{label.lower().replace('-', '')}.png",
+                             title=f"{label} on the planted problem", reference=planted)
+    print(f"figure: {path}")
+
+print(f"\n{'layer':14s} {'planted':>7} {'AdaLoRA':>8} {'DRaFT-Q':>8}")
+for n in names:
+    print(f"{n:14s} {planted[n]:>7} {ada_ranks[n]:>8} {draft_ranks[n]:>8}")
+
+# %% [markdown]
+# ## What to take away
+#
+# - AdaLoRA scores singular triplets by smoothed |w · ∂L/∂w| times its uncertainty and prunes
+#   them along a cubic budget b(t) from b₀ to b_T; pruning only ever removes rank.
+# - DRaFT-Q moves rank both ways from a cheap curvature EMA, never exceeds its memory cap
+#   (checked by accounting, then by measurement, with rollback), and carries Adam's state
+#   across every resize.
+# - On a problem with known answers, both put more rank where the planted updates are large;
+#   ρ says how well. Fast mode trains for very few steps, so read its ranks as a sketch; the
+#   full run (and `python -m trainers`, the planted benchmark) gives the real comparison.
+#
+# Next: run the whole experiment matrix and read its results (tutorial 10).
