@@ -252,10 +252,11 @@ class RankController:
         if unknown:
             raise ValueError(f"RankController.apply_ranks: unknown layers {sorted(unknown)}")
         for n, r in new_ranks.items():
-            top = min(by_name[n].in_features, by_name[n].out_features)
+            # a layer built above min(in, out) (LoRALinear allows it) may keep its rank, not grow to one
+            top = max(min(by_name[n].in_features, by_name[n].out_features), by_name[n].rank)
             if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= top:
-                raise ValueError(f"RankController.apply_ranks: rank of {n} must be an int in [1, min(in, out)"
-                                 f" = {top}], got {r!r}")
+                raise ValueError(f"RankController.apply_ranks: rank of {n} must be an int in [1, {top}] "
+                                 f"(min(in, out), or the layer's current rank if larger), got {r!r}")
         changes = [(n, r) for n, r in new_ranks.items() if r != by_name[n].rank]
         changes.sort(key=lambda nr: nr[1] - by_name[nr[0]].rank)               # shrinks first
         snaps = {n: self._snapshot(by_name[n], optimizer) for n, _ in changes}

@@ -70,6 +70,11 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def work_dtype(t: Tensor) -> torch.dtype:
+    """Where rescales and SVDs of factors run: float32 for 16/32-bit tensors, float64 stays float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def kaiming_rows_(A: Tensor) -> Tensor:
     """LoRA's A init: kaiming-uniform(a=sqrt(5)) as nn.Linear does (bound 1/sqrt(in))."""
     return nn.init.kaiming_uniform_(A, a=math.sqrt(5))
@@ -83,7 +88,7 @@ def resized_low_rank(A: Tensor, B: Tensor, new_rank: int) -> tuple[Tensor, Tenso
     kaiming-uniform rows to A and zero columns to B, so B' @ A' == B @ A exactly.
     Shrinking takes the truncated SVD B @ A = U S V^T and splits it evenly,
     B' = U_k sqrt(S_k), A' = sqrt(S_k) V_k^T: the best rank-k approximation
-    (Eckart-Young), exact when rank(B @ A) <= k. The SVD runs in float32.
+    (Eckart-Young), exact when rank(B @ A) <= k. The SVD runs in float32 (float64 for float64 factors).
     """
     check_rank(new_rank, "resize")
     r, d_in = A.shape
@@ -95,7 +100,8 @@ def resized_low_rank(A: Tensor, B: Tensor, new_rank: int) -> tuple[Tensor, Tenso
         B_new = torch.cat([B, B.new_zeros(B.shape[0], new_rank - r)], dim=1)      # (out, k)
         return A_new, B_new
     # Shrink: thin SVD of the (out, in) product via the factors, never forming more than needed.
-    delta = B.float() @ A.float()                                                 # (out, in)
+    work = work_dtype(A)
+    delta = B.to(work) @ A.to(work)                                               # (out, in)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     kept = min(new_rank, S.numel())   # the product has at most min(out, in) directions
     root = S[:kept].sqrt()
@@ -261,7 +267,7 @@ class LowRankAdapter(AdapterLayer):
         new_rank = A.shape[0]
         new_scaling = lora_scaling(self.alpha, new_rank, self.use_rslora)
         if new_scaling != self.scaling:
-            B = (B.float() * (self.scaling / new_scaling)).to(B.dtype)
+            B = (B.to(work_dtype(B)) * (self.scaling / new_scaling)).to(B.dtype)
         _set_data(self.lora_A, A)
         _set_data(self.lora_B, B)
         self.scaling = new_scaling

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import LowRankAdapter
+from lora.base import LowRankAdapter, work_dtype
 
 
 class DoRALinear(LowRankAdapter):
@@ -36,9 +36,11 @@ class DoRALinear(LowRankAdapter):
 
     @torch.no_grad()
     def weight_norm(self) -> Tensor:
-        """||W0 + s B A|| per output row (out,), detached, in float32, without forming B A."""
-        A, B, s = self.lora_A.float(), self.lora_B.float(), self.scaling
-        W0 = self.frozen_weight().float()                                   # (out, in)
+        """||W0 + s B A|| per output row (out,), detached, in float32 (float64 for a float64
+        adapter), without forming B A."""
+        work = work_dtype(self.lora_A)
+        A, B, s = self.lora_A.to(work), self.lora_B.to(work), self.scaling
+        W0 = self.frozen_weight().to(work)                                  # (out, in)
         sq = W0.square().sum(dim=1)                                         # ||W0_i||^2
         sq += 2 * s * (B * (W0 @ A.t())).sum(dim=1)                         # 2 s <W0_i, (BA)_i>
         sq += s * s * ((B @ (A @ A.t())) * B).sum(dim=1)                    # s^2 ||(BA)_i||^2

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import LowRankAdapter, _set_data, check_rank, lora_scaling
+from lora.base import LowRankAdapter, _set_data, check_rank, lora_scaling, work_dtype
 
 
 class SVDLoRALinear(LowRankAdapter):
@@ -94,7 +94,8 @@ class SVDLoRALinear(LowRankAdapter):
             E_new = torch.cat([E * m[:, None] * keep_scale, E.new_zeros(extra, 1)])
             m_new = torch.cat([m, m.new_ones(extra)])
         else:
-            delta = B.float() @ (A.float() * (E.float() * m.float()[:, None]))            # (out, in)
+            work = work_dtype(A)
+            delta = B.to(work) @ (A.to(work) * (E.to(work) * m.to(work)[:, None]))      # (out, in)
             U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
             kept = min(new_rank, S.numel())     # ΔW has at most min(out, in) directions
             extra = new_rank - kept             # pad as when growing: new triplets with Λ = 0

@@ -229,6 +229,17 @@ def test_start_above_cap_and_wrong_layers_are_errors():
         RankController(nn.Linear(2, 2))
 
 
+def test_a_layer_built_above_min_in_out_keeps_its_rank_through_decisions():
+    net = Net(ranks=(4, 4, 7))                                  # layers.2 is 8 -> 5: rank 7 > min(in, out)
+    ctrl = RankController(net, ControllerConfig(rank_step=1, r_min=2, r_max=8))
+    assert ctrl.step(1, {"layers.0": 3.0, "layers.1": 2.0, "layers.2": 1.0})   # once raised for layers.2
+    assert ctrl.ranks() == {"layers.0": 5, "layers.1": 4, "layers.2": 7}
+    with pytest.raises(ValueError, match=r"rank of layers.2 must be an int in \[1, 7\].*got 8"):
+        ctrl.apply_ranks({"layers.2": 8})
+    with pytest.raises(ValueError, match=r"rank of layers.1 must be an int in \[1, 8\].*got 9"):
+        ctrl.apply_ranks({"layers.1": 9})
+
+
 @settings(max_examples=12, deadline=None, database=None)
 @given(requests=st.lists(st.lists(st.integers(1, 9), min_size=3, max_size=3), min_size=1, max_size=5),
        slack=st.integers(0, 3000))

@@ -16,7 +16,7 @@ def test_there_are_tutorials():
 @pytest.mark.parametrize("script", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs_fast_and_draws(script, tmp_path):
     env = dict(os.environ, NANOPEFT_FAST="1", NANOPEFT_FIGURES=str(tmp_path), MPLBACKEND="Agg",
-               OMP_NUM_THREADS="2")
+               OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

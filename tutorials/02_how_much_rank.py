@@ -30,14 +30,12 @@ import torch
 import torch.nn as nn
 
 from trainers.ablations import AblationSettings, format_rows, run_ablation
-from trainers.notebook import FAST, fast, local_data, pyplot, save_figure
+from trainers.notebook import FAST, fast, pyplot, save_figure, stories_or_planted
 from trainers.planted import new_results_dir
 from trainers.train import TrainConfig, train
 
 torch.manual_seed(0)
 print("fast mode" if FAST else "full mode")
-if FAST:  # tiny models: a second intra-op thread only adds synchronisation (as in tests/conftest.py)
-    torch.set_num_threads(1)
 
 # %% [markdown]
 # ## The model and the data
@@ -50,33 +48,15 @@ if FAST:  # tiny models: a second intra-op thread only adds synchronisation (as 
 # out as in shared/data/PROVENANCE.md. Without them this tutorial still runs, on a
 # synthetic stand-in: the planted-rank MLP of `trainers.planted`, whose "task" is to
 # learn weight updates of known ranks (0, 1, 2, 4, 8, 16 per layer), so the spectrum
-# should show exactly those ranks.
+# can be compared with the ranks that were planted.
 
 # %%
-root = local_data("stories260K + Tiny Shakespeare", "karpathy/tinyllamas")
-HAVE_DATA = (root is not None and (root / "stories260K" / "stories260K.bin").exists()
-             and (root / "tiny_shakespeare" / "input.txt").exists())
 block = fast(64, 32)                       # tokens per training sequence
 steps = fast(300, 25)
-if HAVE_DATA:
-    from trainers.experiments import load_model, load_task_for, make_evaluator
-    model, tokenizer = load_model("stories260K", "tiny_shakespeare", max_length=block)
-    batch_size, lr = fast(16, 8), 1e-3
-    data = load_task_for("tiny_shakespeare", tokenizer, max_length=block, limit=steps * batch_size)
-    batches = lambda epoch: data.batches("train", batch_size, shuffle=True, seed=epoch, drop_last=True)  # noqa: E731
-    evaluate = make_evaluator(data, max_examples=fast(256, 48))
-    what = "stories260K on Tiny Shakespeare"
-    print(f"{what}: {data.num_examples('train')} training blocks of {block} tokens, source {data.source}")
-else:
-    print("stories260K / Tiny Shakespeare not found: using the synthetic planted-rank MLP instead")
-    from trainers.planted import PlantedConfig, PlantedTask, build_planted
-    planted_cfg = PlantedConfig(dim=64, nf4_grid=False)
-    model, teacher, planted_ranks = build_planted(planted_cfg)
-    task = PlantedTask(teacher, planted_cfg)
-    batch_size, lr = fast(256, 128), 1e-2
-    batches = lambda epoch: task.batches("train", batch_size, seed=epoch)  # noqa: E731
-    evaluate = task.evaluate
-    what = "planted-rank MLP (synthetic)"
+bench = stories_or_planted(steps, block, lr=1e-3)
+model, batches, evaluate, batch_size, lr, what = (bench.model, bench.batches, bench.evaluate, bench.batch_size,
+                                                  bench.lr, bench.what)
+HAVE_DATA, planted_ranks = bench.planted_ranks is None, bench.planted_ranks
 print(f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
 # %% [markdown]

@@ -26,13 +26,11 @@ import torch
 
 from lora import add_lora_to_model, count_parameters
 from trainers.ablations import TARGET_LADDERS, AblationSettings, format_rows, run_ablation
-from trainers.notebook import FAST, fast, local_data, pyplot, save_figure
+from trainers.notebook import FAST, fast, have_stories, pyplot, save_figure
 from trainers.planted import new_results_dir
 
 torch.manual_seed(0)
 print("fast mode" if FAST else "full mode")
-if FAST:  # tiny models: a second intra-op thread only adds synchronisation (as in tests/conftest.py)
-    torch.set_num_threads(1)
 
 # %% [markdown]
 # ## The model: stories260K on Tiny Shakespeare
@@ -45,9 +43,7 @@ if FAST:  # tiny models: a second intra-op thread only adds synchronisation (as 
 # fc1, fc2, fc1+fc2 (it has no attention).
 
 # %%
-root = local_data("stories260K + Tiny Shakespeare", "karpathy/tinyllamas")
-HAVE_DATA = (root is not None and (root / "stories260K" / "stories260K.bin").exists()
-             and (root / "tiny_shakespeare" / "input.txt").exists())
+HAVE_DATA = have_stories()
 family = "llama" if HAVE_DATA else "planted"
 if not HAVE_DATA:
     print("stories260K / Tiny Shakespeare not found: the ablation runs on the synthetic planted-rank MLP")

@@ -31,13 +31,11 @@ import torch.nn as nn
 
 from lora import SparseLoRALinear, adapter_layers, add_lora_to_model, count_parameters, cubic_sparsity
 from trainers.experiments import SparsityAllocator
-from trainers.notebook import FAST, fast, local_data, pyplot, save_figure
+from trainers.notebook import FAST, fast, pyplot, save_figure, stories_or_planted
 from trainers.train import TrainConfig, train
 
 torch.manual_seed(0)
 print("fast mode" if FAST else "full mode")
-if FAST:  # tiny models: a second intra-op thread only adds synchronisation (as in tests/conftest.py)
-    torch.set_num_threads(1)
 
 # %% [markdown]
 # ## The cubic schedule
@@ -60,26 +58,10 @@ for t in range(0, steps + 1, max(1, steps // 10)):
 # stands in. Sparse LoRA with r = 16 on the query and value projections.
 
 # %%
-root = local_data("stories260K + Tiny Shakespeare", "karpathy/tinyllamas")
-HAVE_DATA = (root is not None and (root / "stories260K" / "stories260K.bin").exists()
-             and (root / "tiny_shakespeare" / "input.txt").exists())
 block, rank = fast(64, 32), 16
-if HAVE_DATA:
-    from trainers.experiments import load_model, load_task_for, make_evaluator
-    base_model, tokenizer = load_model("stories260K", "tiny_shakespeare", max_length=block)
-    batch_size, lr, targets, key = fast(16, 8), 3e-3, ["q_proj", "v_proj"], "loss"
-    data = load_task_for("tiny_shakespeare", tokenizer, max_length=block, limit=steps * batch_size)
-    batches = lambda epoch: data.batches("train", batch_size, shuffle=True, seed=epoch, drop_last=True)  # noqa: E731
-    evaluate = make_evaluator(data, max_examples=fast(256, 48))
-else:
-    print("stories260K / Tiny Shakespeare not found: using the synthetic planted-rank MLP instead")
-    from trainers.planted import PlantedConfig, PlantedTask, build_planted
-    planted_cfg = PlantedConfig(dim=64, nf4_grid=False)
-    base_model, teacher, _ = build_planted(planted_cfg)
-    task = PlantedTask(teacher, planted_cfg)
-    batch_size, lr, targets, key = fast(256, 128), 1e-2, ["fc1", "fc2"], "mse"
-    batches = lambda epoch: task.batches("train", batch_size, seed=epoch)  # noqa: E731
-    evaluate = task.evaluate
+bench = stories_or_planted(steps, block, lr=3e-3)
+base_model, batches, evaluate, batch_size, lr, targets, key = (
+    bench.model, bench.batches, bench.evaluate, bench.batch_size, bench.lr, bench.targets, bench.key)
 train_cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20),
                         eval_every=0, progress=False)
 fresh = lambda: add_lora_to_model(copy.deepcopy(base_model), method="sparse", r=rank,  # noqa: E731

@@ -35,13 +35,11 @@ import torch
 import torch.nn as nn
 
 from lora import DoRALinear, HiRALinear, LoRALinear, add_lora_to_model, count_parameters
-from trainers.notebook import FAST, fast, local_data, pyplot, save_figure
+from trainers.notebook import FAST, fast, pyplot, save_figure, stories_or_planted
 from trainers.train import TrainConfig, train
 
 torch.manual_seed(0)
 print("fast mode" if FAST else "full mode")
-if FAST:  # tiny models: a second intra-op thread only adds synchronisation (as in tests/conftest.py)
-    torch.set_num_threads(1)
 
 # %% [markdown]
 # ## HiRA's update is high rank: check it
@@ -160,28 +158,10 @@ for target_name, delta in targets.items():
 # project's trainer; training loss curves and held-out loss.
 
 # %%
-root = local_data("stories260K + Tiny Shakespeare", "karpathy/tinyllamas")
-HAVE_DATA = (root is not None and (root / "stories260K" / "stories260K.bin").exists()
-             and (root / "tiny_shakespeare" / "input.txt").exists())
 steps, block = fast(300, 20), fast(64, 32)
-if HAVE_DATA:
-    from trainers.experiments import load_model, load_task_for, make_evaluator
-    base_model, tokenizer = load_model("stories260K", "tiny_shakespeare", max_length=block)
-    batch_size, lr, target_modules, key = fast(16, 8), 3e-3, ["q_proj", "v_proj"], "loss"
-    data = load_task_for("tiny_shakespeare", tokenizer, max_length=block, limit=steps * batch_size)
-    batches = lambda epoch: data.batches("train", batch_size, shuffle=True, seed=epoch, drop_last=True)  # noqa: E731
-    evaluate = make_evaluator(data, max_examples=fast(256, 48))
-    what = "stories260K on Tiny Shakespeare"
-else:
-    print("stories260K / Tiny Shakespeare not found: using the synthetic planted-rank MLP instead")
-    from trainers.planted import PlantedConfig, PlantedTask, build_planted
-    planted_cfg = PlantedConfig(dim=64, nf4_grid=False)
-    base_model, teacher, _ = build_planted(planted_cfg)
-    task = PlantedTask(teacher, planted_cfg)
-    batch_size, lr, target_modules, key = fast(256, 128), 1e-2, ["fc1", "fc2"], "mse"
-    batches = lambda epoch: task.batches("train", batch_size, seed=epoch)  # noqa: E731
-    evaluate = task.evaluate
-    what = "planted-rank MLP (synthetic)"
+bench = stories_or_planted(steps, block, lr=3e-3)
+base_model, batches, evaluate, batch_size, lr, target_modules, key, what = (
+    bench.model, bench.batches, bench.evaluate, bench.batch_size, bench.lr, bench.targets, bench.key, bench.what)
 
 task_curves = {}
 print(f"before training: held-out {key} {evaluate(base_model)[key]:.4f}")
