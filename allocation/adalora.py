@@ -182,7 +182,8 @@ class AdaLoRAAllocator:
         """After optimizer.step(): mask every ΔT steps of the middle phase; keep pruned Λ at zero."""
         c = self.config
         if self.total_steps <= 0:
-            raise ValueError("AdaLoRAAllocator: total_steps must be set (the budget schedule needs T)")
+            raise ValueError(f"AdaLoRAAllocator: total_steps must be set (the budget schedule needs T), "
+                             f"got {self.total_steps}")
         masked = False
         if not self.frozen and step >= c.tinit:
             if step >= self.total_steps - c.tfinal:

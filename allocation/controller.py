@@ -176,7 +176,8 @@ class RankController:
         if config.r_min < 1 or config.r_min > config.r_max:
             raise ValueError(f"RankController: need 1 <= r_min <= r_max, got {config.r_min}, {config.r_max}")
         if config.interval < 1 or config.rank_step < 1 or config.n_change < 1:
-            raise ValueError("RankController: interval, rank_step and n_change must be >= 1")
+            raise ValueError(f"RankController: interval, rank_step and n_change must be >= 1, got "
+                             f"{config.interval}, {config.rank_step}, {config.n_change}")
         self.layers = adapter_layers_of(model)
         if not self.layers:
             raise ValueError("RankController: the model has no adapter layers (add_lora_to_model first)")

@@ -66,7 +66,8 @@ def quantize_int8(w: torch.Tensor, blocksize: int | None = None,
     if blocksize is not None:
         check_blocksize(blocksize)
         if outlier_threshold is not None:
-            raise ValueError("quantize_int8: outlier_threshold works with row-wise scales only (blocksize=None)")
+            raise ValueError(f"quantize_int8: outlier_threshold works with row-wise scales only (blocksize=None), "
+                             f"got blocksize={blocksize}")
         n = w.numel()
         scaled, absmax = blockwise_absmax(w, blocksize)     # scaled in [-1, 1]
         data = torch.round(scaled * 127).to(torch.int8).reshape(-1)[:n]

@@ -95,6 +95,30 @@ def test_svd_shrink_to_more_than_the_smaller_dimension_keeps_the_requested_rank(
     assert torch.allclose(layer(x), y, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
+def test_svd_layer_in_half_precision(dtype, adapter_dtype):
+    base = nn.Linear(10, 7).to(dtype)
+    layer = SVDLoRALinear(base, rank=3, alpha=6, dtype=adapter_dtype)
+    assert layer.lora_E.dtype == (adapter_dtype or dtype)
+    x = torch.randn(4, 10).to(dtype)
+    assert torch.equal(layer(x), base(x))                                   # Λ = 0: exactly the base
+    with torch.no_grad():
+        layer.lora_E.normal_()
+        y = layer(x)
+        ref = torch.nn.functional.linear(x.float(), base.weight.float() + layer.get_delta_weight().float(),
+                                         base.bias.float())
+        W0 = base.weight.clone()
+        layer.merge()
+        y_merged = layer(x)
+        layer.unmerge()
+    assert y.dtype == y_merged.dtype == dtype and torch.equal(base.weight, W0)
+    tol = 3e-2 if dtype == torch.bfloat16 else 4e-3
+    scale = max(1.0, float(ref.abs().max()))
+    assert float((y.float() - ref).abs().max()) <= tol * scale
+    assert float((y_merged.float() - y.float()).abs().max()) <= tol * scale
+
+
 def test_orthogonal_regularizer():
     layer = _layer(r=4)
     with torch.no_grad():
@@ -191,6 +215,9 @@ def test_allocator_errors():
         AdaLoRAAllocator(nn.Linear(3, 3), AdaLoRAConfig(), total_steps=5)
     with pytest.raises(ValueError, match="no pruning"):
         AdaLoRAAllocator(model, AdaLoRAConfig(target_r=2, tinit=3, tfinal=2), total_steps=5)
+    unpaced = AdaLoRAAllocator(model, AdaLoRAConfig(target_r=2))
+    with pytest.raises(ValueError, match="total_steps must be set .*got 0"):
+        unpaced.after_step(1, model, None)
 
 
 def test_with_model_surgery_both_adaptive_allocators_run():

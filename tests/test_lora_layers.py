@@ -317,3 +317,21 @@ def test_hira_delta_is_hadamard_with_w0_and_can_be_high_rank():
     delta = layer.get_delta_weight()
     torch.testing.assert_close(delta, base.weight * (layer.lora_B @ layer.lora_A) * layer.scaling)
     assert int(torch.linalg.matrix_rank(delta.detach())) > 1      # rank-1 B A, yet delta W is not rank 1
+
+
+def test_readme_example_runs_and_merge_keeps_the_function():
+    """The 'use one layer in your own model' snippet of README.md, run as written."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Use one layer in your own model", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    model = scope["model"]
+    assert isinstance(model[0], LoRALinear) and model[0].merged
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"0.lora_A", "0.lora_B"}
+    x = torch.randn(3, 512)
+    with torch.no_grad():
+        y = model(x)
+        model[0].unmerge()
+        torch.testing.assert_close(model(x), y)

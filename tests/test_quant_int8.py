@@ -61,6 +61,8 @@ def test_int8_bad_input():
         quantize_int8(torch.ones(100), blocksize=100)
     with pytest.raises(ValueError, match="outlier_threshold"):
         quantize_int8(torch.ones(4, 4), outlier_threshold=-1.0)
+    with pytest.raises(ValueError, match=r"row-wise scales only \(blocksize=None\), got blocksize=64"):
+        quantize_int8(torch.ones(4, 16), blocksize=64, outlier_threshold=6.0)
 
 
 def test_int8_matmul_integer_part_is_exact_and_outliers_help():

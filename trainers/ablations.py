@@ -267,7 +267,7 @@ def format_rows(kind: str, rows: list[dict]) -> str:
 # --- command line -----------------------------------------------------------------------------
 def build_parser(kind: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=f"python -m trainers ablation {kind or '{rank,targets,memory}'}",
+        prog=f"python -m trainers ablate {kind or '{rank,targets,memory}'}",
         description=__doc__.split("\n\n")[0] + " Defaults: stories260K on Tiny Shakespeare when the offline "
                     "data exists, else the planted task.")
     if kind is None:

@@ -92,7 +92,7 @@ for name, b in blocks.items():
 print(f"{'n':>5}  " + "  ".join(f"{name + ' estimate ± s.e.':>24}" for name in params))
 for n in counts:
     print(f"{n:>5}  " + "  ".join(f"{runs[n][k].trace:13.4f} ± {runs[n][k].stderr:7.4f}" for k in params))
-print(f"exact  " + "  ".join(f"{exact[k]:13.4f}{'':10s}" for k in params))
+print("exact  " + "  ".join(f"{exact[k]:13.4f}{'':10s}" for k in params))
 last = runs[counts[-1]]
 for name in params:
     sample_std = last[name].stderr * math.sqrt(last[name].n_samples)

@@ -31,7 +31,7 @@ from allocation import (AdaLoRAAllocator, AdaLoRAConfig, ControllerConfig, Curva
 from allocation.budget import adapter_params, training_bytes
 from lora import add_lora_to_model, lora_state_dict
 from quantization import quantize_model
-from trainers.notebook import FAST, fast, figure_dir, pyplot, save_figure
+from trainers.notebook import FAST, figure_dir, pyplot, save_figure
 from trainers.planted import PlantedConfig, PlantedTask, build_planted, spearman
 from trainers.plots import plot_rank_heatmap
 from trainers.train import TrainConfig, train

@@ -128,7 +128,9 @@ print(f"files of {run_dirs[0].name}:", sorted(p.name for p in run_dirs[0].iterdi
 #   planted problem (lower is better). Compare runs on this, never on `final_loss`, which is the
 #   *training* loss of the last batch alone (noisy, and measured on data the model trained on).
 # - `trainable_params`, `trainable_pct`: what the optimizer updates. Adaptive methods should sit
-#   at (or under) the uniform r = 8 budget; full fine-tuning at 100 %.
+#   at (or under) the uniform r = 8 budget; full fine-tuning at 100 %. AdaLoRA (B-Ada) counts the
+#   storage of its initial r = 12: pruned triplets are masked to zero, not removed, so its active
+#   rank (in all_results.json below) is what its budget is about.
 # - `adapter_bytes`: the bytes of the trainable tensors, i.e. what you save and ship.
 # - `peak_memory_bytes`, `peak_memory_kind`: on a GPU the allocator's peak for the run; on the CPU
 #   the process's peak resident set size, which only grows within a process. In a matrix run in one
@@ -184,24 +186,23 @@ for path in redraw(results):
     print("drawn:", path.relative_to(results))
 
 # %% [markdown]
-# Finally one figure of our own from the summary: quality against trainable parameters, the
-# trade-off the whole framework is about. Points further down and to the left are better;
-# the dashed line is the model before fine-tuning.
+# Finally one figure of our own from the summary: each run's held-out score (bars, sorted) with
+# its trainable parameters written beside it, the trade-off the whole framework is about. The
+# un-tuned model's score is in the title (drawn as a line it would dwarf the differences).
 
 # %%
 plt = pyplot()
-fig, ax = plt.subplots(figsize=(7, 4.2))
-for row in summary:
-    x, y = int(row["trainable_params"]), float(row["metric_value"])
-    ax.scatter(x, y, s=50)
-    ax.annotate(row["config"], (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
-ax.axhline(before, color="gray", linestyle="--", label="before fine-tuning")
-ax.set_xscale("log")
-ax.set_xlabel("trainable parameters")
-ax.set_ylabel(f"held-out {summary[0]['metric']}")
-ax.set_title("the matrix at a glance")
-ax.legend(fontsize=8)
-ax.grid(alpha=0.3)
+ordered = sorted(summary, key=lambda r: float(r["metric_value"]), reverse=True)
+fig, ax = plt.subplots(figsize=(7, 0.5 * len(ordered) + 1.6))
+values = [float(r["metric_value"]) for r in ordered]
+ax.barh([r["config"] for r in ordered], values, color="tab:blue")
+for i, row in enumerate(ordered):
+    ax.text(values[i], i, f"  {int(row['trainable_params']):,} trainable ({float(row['trainable_pct']):.1f} %)",
+            va="center", fontsize=8)
+ax.set_xlim(min(values) * 0.9, max(values) * 1.25)
+ax.set_xlabel(f"held-out {ordered[0]['metric']} (lower is better)")
+ax.set_title(f"the matrix at a glance (before fine-tuning: {before:.4g})")
+ax.grid(alpha=0.3, axis="x")
 save_figure(fig, "10_matrix_summary")
 
 # %% [markdown]
