@@ -31,10 +31,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from allocation.budget import cost_per_rank, fixed_params, ranks_from_scores
+from lora.base import module_device
 
 
 @dataclass
@@ -100,7 +101,7 @@ def default_loss(model: nn.Module, batch) -> Tensor:
     a tuple or list is passed positionally, model(*batch).
     """
     if isinstance(batch, Mapping):
-        device = next(model.parameters()).device
+        device = module_device(model)
         mask = batch.get("attention_mask")
         out = model(batch["input_ids"].to(device), targets=batch["labels"].to(device),
                     attention_mask=None if mask is None else mask.to(device))

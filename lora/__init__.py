@@ -1,7 +1,7 @@
 """Adapter layers (LoRA, Sparse LoRA, HiRA, DoRA, AdaLoRA's SVD form) and model surgery; depends on torch only
 (and safetensors, for adapter files)."""
 from lora.base import (AdapterLayer, LowRankAdapter, base_weight, is_linear_like, is_quantized, lora_scaling,
-                       resized_low_rank)
+                       module_device, resized_low_rank)
 from lora.dora import DoRALinear
 from lora.hira import HiRALinear
 from lora.layers import LoRALinear

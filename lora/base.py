@@ -59,6 +59,16 @@ def base_weight(base: nn.Module) -> Tensor:
     return weight
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module lives: its first parameter's device, else its first buffer's (a fully
+    quantized model can hold only buffers), else the CPU for a module with no tensors."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
 def check_rank(rank, who: str = "adapter") -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"{who}: rank must be a positive int, got {rank!r}")

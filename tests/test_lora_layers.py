@@ -335,3 +335,13 @@ def test_readme_example_runs_and_merge_keeps_the_function():
         y = model(x)
         model[0].unmerge()
         torch.testing.assert_close(model(x), y)
+
+
+def test_module_device_reads_parameters_then_buffers():
+    from lora import module_device
+    holder = nn.Module()
+    assert module_device(holder) == torch.device("cpu")            # no tensors at all
+    holder.register_buffer("packed", torch.zeros(3, dtype=torch.uint8, device="meta"))
+    assert module_device(holder) == torch.device("meta")           # buffers only (a packed 4-bit layer)
+    holder.weight = nn.Parameter(torch.zeros(2))
+    assert module_device(holder) == torch.device("cpu")            # a parameter wins

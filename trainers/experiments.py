@@ -35,6 +35,7 @@ from allocation.controller import ControllerConfig, CurvatureRankAllocator
 from allocation.hutchinson import hessian_traces, module_shapes, sensitivity_ranks
 from allocation.precision import choose_precision, total_base_bytes
 from lora.adapter_io import save_adapter
+from lora.base import module_device
 from lora.model import LoraConfig, adapter_layers, add_lora_to_model, find_targets
 from lora.sparse import SparseLoRALinear, cubic_sparsity
 from quantization.model import quantize_model
@@ -328,7 +329,7 @@ def make_evaluator(data, *, tokenizer=None, batch_size: int = 32, max_examples: 
 
     @torch.no_grad()
     def evaluate(model: nn.Module) -> dict:
-        device = next(model.parameters()).device
+        device = module_device(model)
         if kind in ("classification", "pair_classification"):
             preds, labels = [], []
             for b in batches(device):

@@ -48,6 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora.base import module_device
+
 MODULES = ("fc1", "fc2")
 # Planted rank per block: (fc1, fc2). Each of 0, 1, 2, 4, 8, 16 appears once in each column.
 PLANTED_RANKS = ((16, 2), (0, 8), (4, 0), (1, 16), (8, 1), (2, 4))
@@ -199,7 +201,7 @@ class PlantedTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict:
         """Held-out mean squared error (lower is better), in chunks, on the model's device."""
-        device = next(model.parameters()).device
+        device = module_device(model)
         total = 0.0
         for start in range(0, len(self.eval_x), 1024):
             x = self.eval_x[start:start + 1024].to(device)

@@ -63,7 +63,7 @@ def run(settings: Settings) -> list:
         bq, state = BF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
         fns["bnb_dequant"] = lambda: BF.dequantize_4bit(bq, state)
         fns["bnb_quant"] = lambda: BF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
-    t = time_interleaved(fns, settings)
+    t = time_interleaved(fns, settings, repeats=3 * settings.repeats)     # milliseconds each: more rounds
     size = f"{OUT}x{IN} fp32, block 64, double quant"
     rows.append(compare_row(SECTION, "NF4 dequant throughput / copy", t["copy"], t["dequant"], ">= 0.5", size))
     if bnb is not None:
