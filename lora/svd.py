@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import LowRankAdapter, _set_data, check_rank, lora_scaling, work_dtype
+from lora.base import LowRankAdapter, _set_data, check_rank, lora_scaling, product_svd, work_dtype
 
 
 class SVDLoRALinear(LowRankAdapter):
@@ -94,9 +94,7 @@ class SVDLoRALinear(LowRankAdapter):
             E_new = torch.cat([E * m[:, None] * keep_scale, E.new_zeros(extra, 1)])
             m_new = torch.cat([m, m.new_ones(extra)])
         else:
-            work = work_dtype(A)
-            delta = B.to(work) @ (A.to(work) * (E.to(work) * m.to(work)[:, None]))      # (out, in)
-            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            U, S, Vh = product_svd(B, A.to(work_dtype(A)) * (E.to(work_dtype(A)) * m[:, None]))
             kept = min(new_rank, S.numel())     # ΔW has at most min(out, in) directions
             extra = new_rank - kept             # pad as when growing: new triplets with Λ = 0
             A_new = torch.cat([Vh[:kept].to(A.dtype),

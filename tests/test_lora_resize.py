@@ -167,3 +167,17 @@ def test_float64_adapters_resize_in_float64(kind):
         layer.resize(2)                                              # shrink: exact, the product has rank <= 2
         torch.testing.assert_close(layer(x), y, rtol=1e-8, atol=1e-8)
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(d_in=st.integers(1, 12), d_out=st.integers(1, 12), rank=st.integers(1, 15))
+def test_product_svd_equals_the_svd_of_the_formed_product(d_in, d_out, rank):
+    from lora.base import product_svd
+    B, A = torch.randn(d_out, rank, dtype=torch.float64), torch.randn(rank, d_in, dtype=torch.float64)
+    U, S, Vh = product_svd(B, A)
+    torch.testing.assert_close((U * S) @ Vh, B @ A)                               # same product
+    S_ref = torch.linalg.svdvals(B @ A)
+    torch.testing.assert_close(S, S_ref[:S.numel()])                             # same spectrum
+    assert torch.all(S_ref[S.numel():].abs() < 1e-9)
+    torch.testing.assert_close(U.t() @ U, torch.eye(U.shape[1], dtype=torch.float64))  # orthonormal
+    torch.testing.assert_close(Vh @ Vh.t(), torch.eye(Vh.shape[0], dtype=torch.float64))

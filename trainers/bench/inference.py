@@ -13,9 +13,12 @@ from the same random init, timed interleaved per batch size:
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from lora import LoraConfig, SparseLoRALinear, adapter_layers, add_lora_to_model
+from quantization import quantize_model
 from trainers.bench import workloads as W
 from trainers.bench.layers import fill_zero_factors
 from trainers.bench.timing import Settings, compare_row, time_interleaved
@@ -36,8 +39,6 @@ def _model(kind: str, config, device):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
     if kind in ("nf4", "qlora"):
-        from quantization import quantize_model
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")          # the tied LM head stays float
             quantize_model(model, bits=4)
