@@ -31,7 +31,7 @@ from allocation.budget import base_bits_per_param, training_bytes
 from lora import add_lora_to_model, count_parameters, lora_state_dict
 from quantization import Linear4bit, memory_report, quantize_model
 from trainers.ablations import state_bytes
-from trainers.notebook import FAST, fast, local_data, pyplot, save_figure
+from trainers.notebook import FAST, fast, have_stories, pyplot, save_figure
 from trainers.train import TrainConfig, peak_memory, train
 
 torch.manual_seed(0)
@@ -54,9 +54,7 @@ print("fast mode" if FAST else "full mode")
 # so every step below still runs; the numbers then measure a regression loss.
 
 # %%
-root = local_data("stories260K and Tiny Shakespeare", "karpathy/tinyllamas + karpathy/tiny_shakespeare")
-have_real = (root is not None and (root / "stories260K" / "stories260K.bin").exists()
-             and (root / "tiny_shakespeare" / "input.txt").exists())
+have_real = have_stories()
 
 if have_real:
     from trainers.experiments import load_model, load_task_for, make_evaluator

@@ -26,12 +26,11 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from allocation import choose_precision, hessian_traces, hutchinson_traces, module_shapes, sensitivity_ranks
 from allocation.budget import adapter_params, base_bytes
 from lora import add_lora_to_model, count_parameters
-from trainers.notebook import FAST, fast, figure_dir, local_data, pyplot, save_figure
+from trainers.notebook import FAST, fast, figure_dir, have_stories, pyplot, save_figure
 from trainers.plots import plot_rank_heatmap
 from trainers.train import TrainConfig, train
 
@@ -127,13 +126,12 @@ save_figure(fig, "08_hutchinson_convergence")
 # switches `requires_grad` on for them (and off for everything else) while it probes, cycles
 # through the calibration batches, and stops when every layer's standard error is below
 # `tol` (5 %) of its estimate or after `max_samples`. Hessian-vector products need a double
-# backward through attention; PyTorch's fused attention kernels lack it, so we select the plain
-# math kernel with `sdpa_kernel(SDPBackend.MATH)` (as `trainers.experiments` does).
+# backward through attention; PyTorch's fused attention kernels lack it, so `hessian_traces`
+# selects the plain math kernel itself (`sdpa_kernel(SDPBackend.MATH)`). Its default loss calls
+# the model the way the trainer does: `model(input_ids, targets=labels, attention_mask=...)`.
 
 # %%
-root = local_data("stories260K and Tiny Shakespeare", "karpathy/tinyllamas + karpathy/tiny_shakespeare")
-have_real = (root is not None and (root / "stories260K" / "stories260K.bin").exists()
-             and (root / "tiny_shakespeare" / "input.txt").exists())
+have_real = have_stories()
 if have_real:
     from trainers.experiments import load_model, load_task_for, make_evaluator
     model, tokenizer = load_model("stories260K", "tiny_shakespeare", max_length=64)
@@ -163,11 +161,7 @@ else:
 names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
 calibration = [b for b, _ in zip(batches(1000), range(4))]            # 4 batches, never trained on
 
-def lm_loss(m, batch):
-    return m(batch["input_ids"], targets=batch["labels"])[1]
-
-with sdpa_kernel(SDPBackend.MATH):
-    traces = hessian_traces(model, calibration, names, lm_loss, min_samples=8, max_samples=fast(64, 8))
+traces = hessian_traces(model, calibration, names, min_samples=8, max_samples=fast(64, 8))
 print(f"{len(names)} modules, {traces[names[0]].n_samples} samples each")
 print(f"{'module':40s} {'tr(H)':>12} {'± s.e.':>10}")
 for name in names:

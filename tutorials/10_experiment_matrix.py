@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from trainers.experiments import CONFIGS, RunSettings, load_model, load_task_for, make_evaluator, run_matrix
-from trainers.notebook import FAST, fast, local_data, pyplot, save_figure
+from trainers.notebook import FAST, fast, have_stories, pyplot, save_figure
 from trainers.plots import redraw
 from trainers.train import TrainConfig
 
@@ -75,9 +75,7 @@ for name, c in CONFIGS.items():
 
 # %%
 results = Path(tempfile.mkdtemp(prefix="nanopeft-matrix-"))
-root = local_data("stories260K and Tiny Shakespeare", "karpathy/tinyllamas + karpathy/tiny_shakespeare")
-have_real = (root is not None and (root / "stories260K" / "stories260K.bin").exists()
-             and (root / "tiny_shakespeare" / "input.txt").exists())
+have_real = have_stories()
 
 if have_real:
     configs = fast(["B-FP", "B-Q4", "B-Ada", "SADRA", "DRaFT-Q", "Full-FT"], ["B-FP", "B-Q4", "SADRA", "DRaFT-Q"])
