@@ -8,5 +8,6 @@ from allocation.controller import (ControllerConfig, CurvatureRankAllocator, Ran
                                    resize_with_state)
 from allocation.curvature import EMA, CurvatureTracker
 from allocation.precision import choose_precision, plan_rank_and_precision, total_base_bytes
+from allocation.sparsity import SparsityAllocator
 from allocation.hutchinson import (TraceEstimate, hessian_traces, hutchinson_traces, module_shapes,
                                    sensitivity_ranks)

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from allocation import SparsityAllocator
 from allocation.allocator import NullAllocator
 from lora.model import adapter_layers
 from quantization.layers import Linear4bit, Linear8bit
 from trainers.data import TaskData, get_task
-from trainers.experiments import (CONFIGS, ExperimentConfig, SparsityAllocator, get_config, make_evaluator,
+from trainers.experiments import (CONFIGS, ExperimentConfig, get_config, make_evaluator,
                                   prepare, run_experiment)
 from trainers.models import GPT2Config, build_model
 from trainers.results import MISSING, SUMMARY_COLUMNS, write_summary

@@ -29,15 +29,15 @@ import torch.nn as nn
 from safetensors.torch import save_model
 
 from allocation.adalora import AdaLoRAAllocator, AdaLoRAConfig
-from allocation.allocator import NullAllocator, check_stepped
+from allocation.allocator import NullAllocator
 from allocation.budget import adapter_params, training_bytes
 from allocation.controller import ControllerConfig, CurvatureRankAllocator
 from allocation.hutchinson import hessian_traces, module_shapes, sensitivity_ranks
 from allocation.precision import choose_precision, total_base_bytes
+from allocation.sparsity import SparsityAllocator
 from lora.adapter_io import save_adapter
 from lora.base import module_device
 from lora.model import LoraConfig, adapter_layers, add_lora_to_model, find_targets
-from lora.sparse import SparseLoRALinear, cubic_sparsity
 from quantization.model import quantize_model
 from trainers import metrics, models
 from trainers.checkpoints import config_from_hf, load_hf_model, load_llama2c, read_hf_config, resolve_source
@@ -244,47 +244,6 @@ def prepare(model: nn.Module, exp: ExperimentConfig, calibration: Callable[[], I
     if exp.method == "sparse":
         return model, SparsityAllocator(model, steps or 400, exp.sparsity, exp.l1)
     return model, NullAllocator(model)
-
-
-class SparsityAllocator:
-    """Sparse LoRA's training-time schedule, in the allocator protocol: an L1 penalty on the
-    factors (added to the loss) and magnitude pruning to the cubic sparsity ramp of
-    Zhu & Gupta 2017 (from 10 % to 70 % of the steps), masks re-applied after every step."""
-
-    name = "sparse"
-
-    def __init__(self, model: nn.Module, total_steps: int, final_sparsity: float = 0.5, l1: float = 1e-4):
-        self.layers = [m for _, m in adapter_layers(model) if isinstance(m, SparseLoRALinear)]
-        if not self.layers:
-            raise ValueError("SparsityAllocator: the model has no SparseLoRALinear layers")
-        self.total_steps, self.final_sparsity, self.l1 = total_steps, final_sparsity, l1
-        self.start, self.end = total_steps // 10, max(total_steps // 10 + 1, (7 * total_steps) // 10)
-        self.n_steps, self.rank_history = 0, []
-
-    def regularization(self, model: nn.Module):
-        if self.l1 == 0:
-            return 0.0
-        return self.l1 * sum(layer.l1_penalty() for layer in self.layers)
-
-    def on_step(self, step: int, model: nn.Module, optimizer) -> None:
-        self.n_steps += 1
-
-    def after_step(self, step: int, model: nn.Module, optimizer) -> None:
-        target = cubic_sparsity(step, self.start, self.end, self.final_sparsity)
-        for layer in self.layers:
-            if target > 0:
-                layer.prune_to(target)       # also re-zeros what was pruned before
-            else:
-                layer.apply_masks_()
-
-    def finish(self, total_steps: int) -> None:
-        check_stepped(self.name, self.n_steps, total_steps)
-
-    def state_dict(self) -> dict:
-        return {"n_steps": self.n_steps}       # the masks are adapter buffers: the checkpoint has them
-
-    def load_state_dict(self, state: dict) -> None:
-        self.n_steps = state["n_steps"]
 
 
 def _mixed_bits(model: nn.Module, names: list[str], traces: dict, high_fraction: float) -> dict[str, int]:

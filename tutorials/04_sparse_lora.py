@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from lora import SparseLoRALinear, adapter_layers, add_lora_to_model, count_parameters, cubic_sparsity
-from trainers.experiments import SparsityAllocator
+from allocation import SparsityAllocator
 from trainers.notebook import FAST, fast, pyplot, save_figure, stories_or_planted
 from trainers.train import TrainConfig, train
 
@@ -41,7 +41,7 @@ print("fast mode" if FAST else "full mode")
 # ## The cubic schedule
 #
 # Pruning starts after 10 % of the steps and reaches its target at 70 %, as
-# `trainers.experiments.SparsityAllocator` (the trainer's Sparse LoRA schedule) does.
+# `allocation.SparsityAllocator` (the trainer's Sparse LoRA schedule) does.
 
 # %%
 steps = fast(300, 25)
