@@ -18,12 +18,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from lora.base import AdapterLayer
-
-
-def adapter_layers_of(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    """(name, layer) of every adapter layer in the model, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
+from lora.model import adapter_layers
 
 
 def current_ranks(layers) -> dict[str, int]:
@@ -42,7 +37,7 @@ class NullAllocator:
     def __init__(self, model: nn.Module | None = None):
         self.rank_history: list[dict] = []
         if model is not None:
-            self.rank_history.append({"step": 0, "ranks": current_ranks(adapter_layers_of(model))})
+            self.rank_history.append({"step": 0, "ranks": current_ranks(adapter_layers(model))})
 
     def on_step(self, step: int, model: nn.Module, optimizer) -> None:
         pass

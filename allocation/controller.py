@@ -53,9 +53,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from allocation.allocator import adapter_layers_of, check_stepped, current_ranks
+from allocation.allocator import check_stepped, current_ranks
 from allocation.budget import adapter_params, training_bytes
 from allocation.curvature import CurvatureTracker
+from lora.model import adapter_layers
 
 
 @dataclass
@@ -132,9 +133,7 @@ def resize_with_state(layer: nn.Module, new_rank: int, optimizer=None) -> None:
     pA, pB = layer.lora_A, layer.lora_B
     work = torch.promote_types(pA.dtype, torch.float32)                         # fp32, or fp64 if given
     A0, B0 = pA.detach().to(work).clone(), pB.detach().to(work).clone()         # (r, in), (out, r)
-    layer.resize(new_rank)
-    _move_param(optimizer, pA, layer.lora_A)    # in case the layer made new Parameters itself
-    _move_param(optimizer, pB, layer.lora_B)
+    layer.resize(new_rank)                      # same Parameter objects, new shapes
     _renew_parameters(layer, optimizer)
     pA, pB = layer.lora_A, layer.lora_B
     if optimizer is None:
@@ -178,7 +177,7 @@ class RankController:
         if config.interval < 1 or config.rank_step < 1 or config.n_change < 1:
             raise ValueError(f"RankController: interval, rank_step and n_change must be >= 1, got "
                              f"{config.interval}, {config.rank_step}, {config.n_change}")
-        self.layers = adapter_layers_of(model)
+        self.layers = adapter_layers(model)
         if not self.layers:
             raise ValueError("RankController: the model has no adapter layers (add_lora_to_model first)")
         for name, layer in self.layers:

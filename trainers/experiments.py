@@ -171,11 +171,6 @@ def _calibration_batches(calibration, n: int, who: str) -> list[dict]:
     return batches
 
 
-def _hessian_traces(model: nn.Module, names: list[str], batches: list[dict], max_probes: int) -> dict:
-    """Hutchinson traces of the loss Hessian per module weight, on the full-precision model."""
-    return hessian_traces(model, batches, names, min_samples=min(4, max_probes), max_samples=max_probes)
-
-
 def _depth_ramp(names: list[str], shapes: dict, budget_rank: int) -> dict[str, int]:
     """The 'manual' pattern used when none is given: rank grows with depth (later layers adapt
     more, a common observation, e.g. in the AdaLoRA paper's rank maps), at the uniform budget."""
@@ -209,7 +204,7 @@ def prepare(model: nn.Module, exp: ExperimentConfig, calibration: Callable[[], I
         batches = _calibration_batches(calibration, n_calibration, f"{exp.name} (Hutchinson sensitivity)")
         probed = sorted(set(names) | (set(quant_names) if exp.quant == "mixed" else set()),
                         key=list(dict(model.named_modules())).index)
-        traces = _hessian_traces(model, probed, batches, max_probes)
+        traces = hessian_traces(model, batches, probed, min_samples=min(4, max_probes), max_samples=max_probes)
     if exp.allocation == "hutchinson":
         rank_pattern = sensitivity_ranks({n: traces[n] for n in names}, shapes, r_min=2, r_max=4 * budget_rank,
                                          uniform_rank=budget_rank)

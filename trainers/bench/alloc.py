@@ -42,11 +42,10 @@ def run(settings: Settings) -> list:
     names = [n for n, m in probe_model.named_modules() if n.endswith("c_attn")]
     weights = [probe_model.get_submodule(n).weight for n in names]
 
-    def probe():   # two samples is the least hessian_traces takes; time per sample below
-        with sdpa_kernel(SDPBackend.MATH):
-            hessian_traces(probe_model, [(idx, idx)], names, min_samples=2, max_samples=2)
+    def probe():   # two samples is the least hessian_traces takes (it picks the math kernel itself)
+        hessian_traces(probe_model, [(idx, idx)], names, min_samples=2, max_samples=2)
 
-    def backward():
+    def backward():   # the same attention kernel as the probe, for a like-for-like ratio
         for w in weights:
             w.requires_grad_(True)
         with sdpa_kernel(SDPBackend.MATH):
