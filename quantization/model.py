@@ -62,8 +62,8 @@ def plan_quantization(model: nn.Module, bits: int | dict[str, int] = 4,
     if not linears:
         raise ValueError(f"quantize_model: {type(model).__name__} has no nn.Linear (or Conv1D) layers to quantize")
     if names[0] == "":
-        raise ValueError("quantize_model: the model itself is an nn.Linear and cannot be replaced in place; "
-                         "use Linear4bit.from_linear(...) or Linear8bit.from_linear(...)")
+        raise ValueError(f"quantize_model: the model itself is one layer ({type(model).__name__}) and cannot be "
+                         "replaced in place; use Linear4bit.from_linear(...) or Linear8bit.from_linear(...)")
     if isinstance(bits, dict):
         for pattern, b in bits.items():
             _check_bits(b, f"quantize_model bits[{pattern!r}]")
