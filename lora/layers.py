@@ -5,7 +5,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lora.base import LowRankAdapter, base_weight, check_rank, is_quantized
 
@@ -123,6 +122,12 @@ class _FusedLoRA(torch.autograd.Function):
     backward rather than saved, so activation memory is as for the thin path.
     (This path calls F.linear with the base's tensors, so hooks on base_layer do not fire.)
     Gradients: dA = s (g B)^T x, dB = s g^T (x A^T), dx = g (W + s B A); W, b frozen.
+
+    Twice differentiable: under `create_graph=True` (Hessian-vector products, e.g.
+    allocation.hessian_traces probing a layer upstream of this one) backward computes
+    the same formulas with recorded ops from the saved inputs, so a second backward
+    sees every term. (A once-differentiable backward silently dropped them: a probed
+    trace of 0.087 came out as -0.53.)
     """
 
     @staticmethod
@@ -132,25 +137,28 @@ class _FusedLoRA(torch.autograd.Function):
         # Each is computed next to the big matmul that reads the same operand, while it is in cache.
         xa_t = A.mm(x2.t())                                                 # (r, N) = (x A^T)^T
         y = F.linear(x, torch.addmm(W, B, A, alpha=s), b)                   # (..., out), W + s B A
-        ctx.save_for_backward(x2, W if ctx.needs_input_grad[0] else None, A, B, xa_t)
-        ctx.s, ctx.x_shape = s, x.shape
+        # x itself (not the view x2) is saved, so under create_graph it carries its history.
+        ctx.save_for_backward(x, W if ctx.needs_input_grad[0] else None, A, B, xa_t)
+        ctx.s = s
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
-        x2, W, A, B, xa_t = ctx.saved_tensors
+        x, W, A, B, xa_t = ctx.saved_tensors
         s = ctx.s
+        x2 = x.reshape(-1, x.shape[-1])                                     # (N, in)
         g2 = g.reshape(-1, g.shape[-1])                                     # (N, out)
+        if torch.is_grad_enabled():   # create_graph: differentiable ops, xa_t recomputed with history
+            xa_t = A.mm(x2.t())
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[4]:
-            grad_B = xa_t.mm(g2).mul_(s).t().contiguous()                   # (out, r)
+            grad_B = (xa_t.mm(g2) * s).t().contiguous()                     # (out, r)
         if ctx.needs_input_grad[3]:
             gb_t = B.t().mm(g2.t())                                         # (r, N) = (g B)^T
         if ctx.needs_input_grad[0]:
-            grad_x = g2.mm(torch.addmm(W, B, A, alpha=s)).view(ctx.x_shape)  # (..., in)
+            grad_x = g2.mm(torch.addmm(W, B, A, alpha=s)).view(x.shape)     # (..., in)
         if ctx.needs_input_grad[3]:
-            grad_A = gb_t.mm(x2).mul_(s)                                    # (r, in)
+            grad_A = gb_t.mm(x2) * s                                        # (r, in)
         return grad_x, None, None, grad_A, grad_B, None
 
 
