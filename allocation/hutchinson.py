@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from allocation.budget import cost_per_rank, fixed_params, ranks_from_scores
-from lora.base import module_device
+from lora.base import in_out_features, module_device
 
 
 @dataclass
@@ -183,9 +183,9 @@ def sensitivity_ranks(traces: Mapping[str, TraceEstimate | float], shapes: Mappi
 
 
 def module_shapes(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:
-    """name -> (in_features, out_features) of Linear-like modules (or an adapter's base)."""
+    """name -> (in_features, out_features) of Linear-like modules (a Conv1D's nx, nf), or adapters."""
     modules = dict(model.named_modules())
-    return {n: (int(modules[n].in_features), int(modules[n].out_features)) for n in names}
+    return {n: in_out_features(modules[n]) for n in names}
 
 
 def adapter_budget_params(shapes: Mapping[str, tuple[int, int]], rank: int, method: str = "lora") -> int:

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lora.base import LowRankAdapter, check_rank
+from lora.base import LowRankAdapter, base_weight, check_rank, is_quantized
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
 
@@ -14,7 +14,8 @@ LORA_INITS = ("kaiming", "gaussian", "pissa")
 class LoRALinear(LowRankAdapter):
     """y = W0 x + b + s * B A dropout(x)
 
-    W0 (out, in), b (out,)  frozen base layer (nn.Linear, or an 8/4-bit Linear-like layer)
+    W0 (out, in), b (out,)  frozen base layer (nn.Linear, a Conv1D seen through its transposed
+                            weight, or an 8/4-bit Linear-like layer; see lora.base)
     A  (r, in)              `lora_A`, kaiming-uniform(a=sqrt 5)   (init="kaiming", default)
                             or N(0, (1/r)^2) as PEFT              (init="gaussian")
     B  (out, r)             `lora_B`, zeros, so the layer starts as the base layer
@@ -23,7 +24,7 @@ class LoRALinear(LowRankAdapter):
     init="pissa" (PiSSA, Meng et al. 2024, arXiv:2404.02948): with W0 = U S V^T,
     s B A = U_r S_r V_r^T (the top-r singular directions, B = U_r sqrt(S_r/s),
     A = sqrt(S_r/s) V_r^T) and the residual W0 - s B A is written into the base,
-    so the output is unchanged at init. Needs an nn.Linear base.
+    so the output is unchanged at init. Needs a float base (nn.Linear or Conv1D).
 
     Built around a base layer, `LoRALinear(nn.Linear(768, 768), rank=8)`, or from
     scratch, `LoRALinear(768, 768, rank=8, alpha=16, pretrained_weight=W, bias=b)`.
@@ -48,9 +49,9 @@ class LoRALinear(LowRankAdapter):
         if init not in LORA_INITS:
             raise ValueError(f"{name}: init must be one of {LORA_INITS}, got {init!r}")
         check_rank(rank, name)
-        if init == "pissa" and not isinstance(base_layer, nn.Linear):
+        if init == "pissa" and is_quantized(base_layer):
             raise TypeError(f"{name}: init='pissa' rewrites the base weight, so it needs an nn.Linear "
-                            f"base, got {type(base_layer).__name__}")
+                            f"base or a Conv1D (a float weight), got {type(base_layer).__name__}")
         super().__init__(base_layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                          dtype=dtype)
         self.init = init
@@ -64,7 +65,7 @@ class LoRALinear(LowRankAdapter):
 
     @torch.no_grad()
     def _pissa_init(self) -> None:
-        W = self.base_layer.weight                                          # (out, in)
+        W = base_weight(self.base_layer)                                    # (out, in), a view for Conv1D
         r = self.rank
         if r > min(W.shape):
             raise ValueError(f"LoRALinear: init='pissa' needs rank <= min(out, in) = {min(W.shape)}, got {r}")
