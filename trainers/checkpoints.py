@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from quantization.stream import LazyTensor
 from trainers.models import MODELS, DistilBertConfig, GPT2Config, LlamaConfig
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -72,23 +73,28 @@ def _read_one(file: Path) -> dict[str, Tensor]:
                          f"({type(error).__name__}: {error})") from error
 
 
-def read_weights(folder: Path) -> dict[str, Tensor]:
-    """All tensors of the first weights file found in folder (shards are merged)."""
+def weight_files(folder: Path) -> list[Path]:
+    """The files holding the weights: the first of WEIGHT_FILES found in folder, or the shards
+    its *.index.json lists."""
     folder = Path(folder)
     for name in WEIGHT_FILES:
         file = folder / name
         if not file.exists():
             continue
         if name.endswith(".index.json"):
-            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
-            tensors = {}
-            for shard in shards:
-                tensors.update(_read_one(folder / shard))
-            return tensors
-        return _read_one(file)
+            return [folder / shard for shard in sorted(set(json.loads(file.read_text())["weight_map"].values()))]
+        return [file]
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     raise FileNotFoundError(f"checkpoint: no weights in {str(folder)!r}; expected one of {', '.join(WEIGHT_FILES)}, "
                             f"found {present or 'nothing'}")
+
+
+def read_weights(folder: Path) -> dict[str, Tensor]:
+    """All tensors of the first weights file found in folder (shards are merged)."""
+    tensors = {}
+    for file in weight_files(folder):
+        tensors.update(_read_one(file))
+    return tensors
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -228,24 +234,26 @@ class LoadReport:
     ignored: list[str]  # checkpoint keys dropped on purpose (buffers, other heads)
 
 
-def load_mapped(model: nn.Module, tensors: dict[str, Tensor], key_map: KeyMap) -> LoadReport:
-    """Copy checkpoint tensors into model through key_map; fails naming every bad key."""
+def match_keys(model: nn.Module, shapes: dict[str, tuple], key_map: KeyMap) -> tuple[dict[str, str], LoadReport]:
+    """Which checkpoint key fills which parameter, from the keys and shapes alone (nothing read):
+    ({our name: checkpoint key as in `shapes`}, the report). Fails naming every bad key."""
     prefixes = (key_map.prefix, *key_map.other_prefixes)
-    tensors = {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in tensors.items()}
+    stripped = {next((k[len(p):] for p in prefixes if k.startswith(p)), k): k for k in shapes}
     ours = dict(model.named_parameters())  # a tied weight appears once, under its first name
-    missing, misshapen, fresh, plan = [], [], [], []
+    missing, misshapen, fresh, plan = [], [], [], {}
     for name, param in ours.items():
         source = key_map.names.get(name)
         assert source is not None, f"key map has no entry for the model parameter {name!r}"
-        if source not in tensors:
+        if source not in stripped:
             (fresh if name.startswith(key_map.fresh_heads) else missing).append(name)
             continue
-        value = tensors[source].t() if name in key_map.transpose else tensors[source]
-        if value.shape != param.shape:
-            misshapen.append(f"{source}: checkpoint {tuple(value.shape)} vs model {name} {tuple(param.shape)}")
-        plan.append((name, source, value))
-    used = {source for _, source, _ in plan}
-    unexpected = [k for k in tensors if k not in used]
+        shape = tuple(shapes[stripped[source]])
+        shape = shape[::-1] if name in key_map.transpose else shape
+        if shape != tuple(param.shape):
+            misshapen.append(f"{source}: checkpoint {shape} vs model {name} {tuple(param.shape)}")
+        plan[name] = stripped[source]
+    used = {stripped[key_map.names[name]] for name in plan}
+    unexpected = [k for k, original in stripped.items() if original not in used]
     ignored = [k for k in unexpected if any(re.fullmatch(p, k) for p in key_map.ignore)]
     extra = [k for k in unexpected if k not in ignored]
     problems = []
@@ -257,10 +265,18 @@ def load_mapped(model: nn.Module, tensors: dict[str, Tensor], key_map: KeyMap) -
         problems.append(f"wrong shape: {'; '.join(misshapen)}")
     if problems:
         raise ValueError(f"checkpoint does not fit {type(model).__name__}: " + " | ".join(problems))
+    return plan, LoadReport(list(plan), fresh, ignored)
+
+
+def load_mapped(model: nn.Module, tensors: dict[str, Tensor], key_map: KeyMap) -> LoadReport:
+    """Copy checkpoint tensors into model through key_map; fails naming every bad key."""
+    plan, report = match_keys(model, {k: v.shape for k, v in tensors.items()}, key_map)
+    ours = dict(model.named_parameters())
     with torch.no_grad():
-        for name, _, value in plan:
+        for name, key in plan.items():
+            value = tensors[key].t() if name in key_map.transpose else tensors[key]
             ours[name].copy_(value.to(ours[name].dtype))
-    return LoadReport([name for name, _, _ in plan], fresh, ignored)
+    return report
 
 
 def load_hf_model(source, kind: str | None = None, dtype: torch.dtype | None = None,
@@ -274,6 +290,17 @@ def load_hf_model(source, kind: str | None = None, dtype: torch.dtype | None = N
     (dropout off, so a loaded model scores deterministically); train() switches it to
     training mode itself. The report of the load is kept on `model.load_report`.
     """
+    folder, family, kind, config = hf_model_spec(source, kind, overrides)
+    model = MODELS[kind][1](config)
+    if dtype is not None:
+        model.to(dtype)
+    model.load_report = load_mapped(model, read_weights(folder), hf_key_map(family, config))
+    return model.eval()
+
+
+def hf_model_spec(source, kind: str | None, overrides: dict, caller: str = "load_hf_model"):
+    """(folder, family, kind, config) of a checkpoint: its config.json, the model `kind` (default:
+    from `architectures`) and the config with `overrides` applied; nothing built or read yet."""
     folder = resolve_source(source)
     hf = read_hf_config(folder)
     family, config = config_from_hf(hf)
@@ -283,16 +310,10 @@ def load_hf_model(source, kind: str | None = None, dtype: torch.dtype | None = N
         raise ValueError(f"unknown model {kind!r}; known models: {', '.join(MODELS)}")
     if not kind.startswith(family):
         raise ValueError(f"checkpoint {str(source)!r} holds a {family} model, cannot load it as {kind!r}")
-    config_cls, model_cls = MODELS[kind]
     unknown = set(overrides) - {f.name for f in dataclasses.fields(config)}
     if unknown:
-        raise ValueError(f"load_hf_model: {config_cls.__name__} has no field(s) {sorted(unknown)}")
-    config = dataclasses.replace(config, **overrides)
-    model = model_cls(config)
-    if dtype is not None:
-        model.to(dtype)
-    model.load_report = load_mapped(model, read_weights(folder), hf_key_map(family, config))
-    return model.eval()
+        raise ValueError(f"{caller}: {MODELS[kind][0].__name__} has no field(s) {sorted(unknown)}")
+    return folder, family, kind, dataclasses.replace(config, **overrides)
 
 
 # ----------------------------------------------------------------------------- llama2.c
@@ -305,29 +326,47 @@ def permute_rotary(w: Tensor, n_heads: int) -> Tensor:
     return w.view(n_heads, hs // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
 
 
-def load_llama2c(path, kind: str = "llama", **overrides) -> nn.Module:
-    """A llama2.c legacy (version 0) checkpoint: 7 int32 header, then float32 arrays.
+def check_llama2c_kind(kind: str, overrides: dict, caller: str = "load_llama2c") -> None:
+    if kind not in ("llama", "llama-cls", "llama-qa"):
+        raise ValueError(f"{caller}: kind must be 'llama', 'llama-cls' or 'llama-qa', got {kind!r}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}
+    if unknown:
+        raise ValueError(f"{caller}: LlamaConfig has no field(s) {sorted(unknown)}")
 
-    Header: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len; vocab_size > 0
-    means the classifier is tied to the token embedding, < 0 that a separate one follows.
+
+def load_llama2c(path, kind: str = "llama", **overrides) -> nn.Module:
+    """A llama2.c legacy (version 0) checkpoint (see llama2c_tensors for the format).
+
     kind: "llama" (the language model), or "llama-cls" / "llama-qa": the trunk loaded under
       a fresh task head; overrides: config fields, e.g. num_labels=4.
     Returned in eval mode, like load_hf_model, with the load report on `model.load_report`.
     """
-    if kind not in ("llama", "llama-cls", "llama-qa"):
-        raise ValueError(f"load_llama2c: kind must be 'llama', 'llama-cls' or 'llama-qa', got {kind!r}")
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}
-    if unknown:
-        raise ValueError(f"load_llama2c: LlamaConfig has no field(s) {sorted(unknown)}")
+    check_llama2c_kind(kind, overrides)
+    config, tensors = llama2c_tensors(path)
+    model = MODELS[kind][1](dataclasses.replace(config, **overrides))
+    model.load_report = load_mapped(model, {k: t.read() for k, t in tensors.items()}, hf_key_map("llama", config))
+    return model.eval()
+
+
+def llama2c_tensors(path) -> tuple[LlamaConfig, dict[str, LazyTensor]]:
+    """The config of a llama2.c legacy (version 0) file, and its tensors, unread, under the
+    checkpoint keys hf_key_map("llama") knows (q and k rows permuted to rotate-half on reading).
+
+    Layout: 7 int32 header, then float32 arrays, each stacked over the layers.  Header: dim,
+    hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len; vocab_size > 0 means the
+    classifier is tied to the token embedding, < 0 that a separate one follows.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"llama2.c checkpoint {str(path)!r} not found")
-    raw = path.read_bytes()
-    if raw[:4] == struct.pack("<I", 0x616B3432):  # the magic of llama2.c's versioned exports
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(28)
+    if head[:4] == struct.pack("<I", 0x616B3432):  # the magic of llama2.c's versioned exports
         raise ValueError(f"{str(path)!r} is a versioned llama2.c export; only the legacy version-0 format is supported")
-    if len(raw) < 28:
-        raise ValueError(f"{str(path)!r} is {len(raw)} bytes, too short for a llama2.c header (28 bytes)")
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", raw[:28])
+    if size < 28:
+        raise ValueError(f"{str(path)!r} is {size} bytes, too short for a llama2.c header (28 bytes)")
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", head)
     tied, vocab = vocab > 0, abs(vocab)
     if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
         raise ValueError(f"{str(path)!r}: header {(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len)} "
@@ -341,33 +380,44 @@ def load_llama2c(path, kind: str = "llama", **overrides) -> nn.Module:
     if not tied:
         shapes.append(("output", (vocab, dim)))
     expected = 28 + 4 * sum(int(np.prod(s)) for _, s in shapes)
-    if len(raw) != expected:
-        raise ValueError(f"{str(path)!r} is {len(raw)} bytes but its header implies {expected}: "
+    if size != expected:
+        raise ValueError(f"{str(path)!r} is {size} bytes but its header implies {expected}: "
                          "the file is truncated or corrupt")
-    arrays, offset = {}, 28
+    offsets, offset = {}, 28
     for name, shape in shapes:
+        offsets[name] = offset
+        offset += 4 * int(np.prod(shape))
+    layout = dict(shapes)
+
+    def array(name: str, layer: int | None = None, rotary_heads: int | None = None) -> LazyTensor:
+        """The float32 array `name` (one layer's slice of it, if `layer` is given), read on demand."""
+        shape = layout[name] if layer is None else layout[name][1:]
         count = int(np.prod(shape))
-        arrays[name] = torch.from_numpy(np.frombuffer(raw, dtype="<f4", count=count, offset=offset).copy()).view(shape)
-        offset += 4 * count
+        start = offsets[name] + (0 if layer is None else 4 * count * layer)
+
+        def read() -> Tensor:
+            w = torch.from_numpy(np.fromfile(path, dtype="<f4", count=count, offset=start)).view(shape)
+            return w if rotary_heads is None else permute_rotary(w, rotary_heads)
+        where = f"{name}{'' if layer is None else f'[{layer}]'} in {str(path)!r}"
+        return LazyTensor(tuple(shape), read, where)
+
     config = LlamaConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
                          hidden_dim=hidden, max_seq_len=seq_len, tie_word_embeddings=tied, norm_eps=1e-5)
     # the stored RoPE table must be the one our rope_theta gives (llama2.c always uses 10000)
     positions = torch.arange(seq_len, dtype=torch.float32)[:, None]
     angles = positions * (1.0 / config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
-    if not torch.allclose(arrays["freq_cis_real"], angles.cos(), atol=1e-4):
+    if not torch.allclose(array("freq_cis_real").read(), angles.cos(), atol=1e-4):
         raise ValueError(f"{str(path)!r}: its RoPE table does not match theta={config.rope_theta}")
-    model = MODELS[kind][1](dataclasses.replace(config, **overrides))
-    tensors = {"embed_tokens.weight": arrays["tok_embeddings"], "norm.weight": arrays["norm"]}
+    tensors = {"embed_tokens.weight": array("tok_embeddings"), "norm.weight": array("norm")}
     if not tied:
-        tensors["lm_head.weight"] = arrays["output"]
+        tensors["lm_head.weight"] = array("output")
     for i in range(n_layers):
         layer = f"layers.{i}."
         tensors.update({
-            layer + "self_attn.q_proj.weight": permute_rotary(arrays["wq"][i], n_heads),
-            layer + "self_attn.k_proj.weight": permute_rotary(arrays["wk"][i], n_kv),
-            layer + "self_attn.v_proj.weight": arrays["wv"][i], layer + "self_attn.o_proj.weight": arrays["wo"][i],
-            layer + "mlp.gate_proj.weight": arrays["w1"][i], layer + "mlp.down_proj.weight": arrays["w2"][i],
-            layer + "mlp.up_proj.weight": arrays["w3"][i], layer + "input_layernorm.weight": arrays["attention_norm"][i],
-            layer + "post_attention_layernorm.weight": arrays["ffn_norm"][i]})
-    model.load_report = load_mapped(model, tensors, hf_key_map("llama", config))
-    return model.eval()
+            layer + "self_attn.q_proj.weight": array("wq", i, n_heads),
+            layer + "self_attn.k_proj.weight": array("wk", i, n_kv),
+            layer + "self_attn.v_proj.weight": array("wv", i), layer + "self_attn.o_proj.weight": array("wo", i),
+            layer + "mlp.gate_proj.weight": array("w1", i), layer + "mlp.down_proj.weight": array("w2", i),
+            layer + "mlp.up_proj.weight": array("w3", i), layer + "input_layernorm.weight": array("attention_norm", i),
+            layer + "post_attention_layernorm.weight": array("ffn_norm", i)})
+    return config, tensors
