@@ -88,6 +88,8 @@ def test_round_trip_onto_fresh_model_is_bit_exact(method, tmp_path):
     assert_same_state(adapter_state(loaded), adapter_state(model))
     assert_same_state(model_state(loaded), model_state(model))
     assert torch.equal(loaded(x), model(x))
+    assert not any(p.requires_grad for p in loaded.parameters())      # frozen, as PEFT's is_trainable=False
+    loaded = load_adapter(fresh(), tmp_path, is_trainable=True)
     trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -293,7 +295,7 @@ def test_modules_to_save_round_trip(tmp_path):
         model.head.weight.add_(1.0)
     save_adapter(model, tmp_path, config)
     assert "base_model.model.head.weight" in load_file(str(tmp_path / WEIGHTS_NAME))
-    loaded = load_adapter(fresh(), tmp_path)
+    loaded = load_adapter(fresh(), tmp_path, is_trainable=True)
     assert_same_state(model_state(loaded), model_state(model))
     assert loaded.head.weight.requires_grad
 
@@ -357,7 +359,7 @@ def test_round_trip_over_quantized_bases(tmp_path, method):
 def test_round_trip_keeps_options(tmp_path, options):
     model, config = trained("lora", **options)          # pissa also rewrote the base weights
     save_adapter(model, tmp_path, config)
-    loaded = load_adapter(fresh(), tmp_path)
+    loaded = load_adapter(fresh(), tmp_path, is_trainable=True)
     assert_same_state(model_state(loaded), model_state(model))
     layer = adapter_layers(loaded)[0][1]
     assert layer.scaling == adapter_layers(model)[0][1].scaling and layer.dropout_p == config.lora_dropout
@@ -397,10 +399,11 @@ def test_save_without_config_infers_heads_and_biases(tmp_path):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.5)
-    save_adapter(model, tmp_path)                                      # as a trainer that lost its config
+    del model.nanopeft_config                                          # a model that remembers no config
+    save_adapter(model, tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["modules_to_save"] == ["head"] and meta["bias"] == "lora_only" and meta["r"] == 3
-    loaded = load_adapter(fresh(), tmp_path)
+    loaded = load_adapter(fresh(), tmp_path, is_trainable=True)
     assert_same_state(model_state(loaded), model_state(model))
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == \
         {n for n, p in model.named_parameters() if p.requires_grad}
