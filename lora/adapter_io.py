@@ -280,6 +280,10 @@ def config_from_peft(peft_config) -> LoraConfig:
     cls = type(peft_config)
     where = f"add_lora_to_model: config ({cls.__module__}.{cls.__qualname__})"
     meta = dict(peft_config.to_dict())
+    peft_type = str(getattr(meta.get("peft_type"), "value", meta.get("peft_type")) or "LORA")
+    if peft_type != "LORA":
+        raise ValueError(f"{where}: peft_type {peft_type!r}; only LoRA configs (peft_type 'LORA', with or "
+                         f"without use_dora) convert to a lora.LoraConfig")
     try:
         defaults = dict(cls().to_dict())
     except Exception:  # noqa: BLE001 - a class that needs arguments: compare with neutral values only
@@ -291,10 +295,6 @@ def config_from_peft(peft_config) -> LoraConfig:
             default = f" (only its default, {defaults[key]!r})" if key in defaults else ""
             raise ValueError(f"{where}: field {key}={value!r} is not supported{default}; the fields nanopeft "
                              f"converts: {', '.join(PEFT_CONVERTED)}")
-    peft_type = str(getattr(meta.get("peft_type"), "value", meta.get("peft_type")) or "LORA")
-    if peft_type != "LORA":
-        raise ValueError(f"{where}: peft_type {peft_type!r}; only LoRA configs (peft_type 'LORA', with or "
-                         f"without use_dora) convert to a lora.LoraConfig")
     if meta.get("target_modules") is None:
         raise ValueError(f"{where}: target_modules=None (PEFT then picks defaults by model type); "
                          f"give target_modules explicitly")
