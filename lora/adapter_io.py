@@ -20,6 +20,14 @@ factors are stored masked; PEFT ignores the masks); HiRA and AdaLoRA's SVD
 form get "NANOPEFT_HIRA" / "NANOPEFT_ADALORA", so PEFT refuses them instead of
 silently loading a different function.
 
+`modules_to_save` entries select modules as PEFT selects them (name ends with the
+entry); on loading, an entry that selects nothing is ignored, as in PEFT.
+
+What a file holds is decided by a config: the one passed to save_adapter, else the one
+the model remembers (add_lora_to_model and load_adapter keep it on the model), else one
+inferred from the layers and the requires_grad flags. Loading freezes the model unless
+is_trainable=True (PEFT's default), so save, load, save writes the same file.
+
 Loading checks everything (config, file integrity, every key and shape) before it
 changes the model, so a failed load leaves the model as it was.
 """

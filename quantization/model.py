@@ -5,13 +5,13 @@ replace by dotted name + setattr on the parent).  Patterns match a module's full
 name exactly, as a dotted suffix ("c_attn" matches "transformer.h.0.attn.c_attn"), or as
 a full-match regular expression — the same rules as PEFT's target_modules.
 
-What stays in float, as in QLoRA practice (Dettmers et al. 2023 keep the LM head and the
-embeddings in 16 bits; transformers' bitsandbytes integration skips the output layer):
-embeddings (only nn.Linear layers are ever replaced), the output heads named in
-HEAD_NAMES unless include_head=True (the LM head's logits are the most sensitive
-outputs, and a task head, e.g. a classifier, must stay float to be trained in full),
-and any Linear whose weight is tied to another module.  quantize_model warns, naming
-what it left in float.
+What stays in float, as in QLoRA practice (the QLoRA code loads its base through
+transformers' bitsandbytes integration, which replaces only Linear layers and leaves the
+output layer out): embeddings (only nn.Linear layers are ever replaced), the output heads
+named in HEAD_NAMES unless include_head=True (the logits are where rounding errors land
+last and least averaged, and a task head such as a classifier must stay float to be
+trained in full), and any Linear whose weight is tied to another module.  quantize_model
+warns, naming what it left in float.
 """
 from __future__ import annotations
 
