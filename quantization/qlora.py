@@ -19,7 +19,7 @@ import torch.nn as nn
 from lora.base import AdapterLayer, is_quantized
 from lora.layers import LoRALinear
 
-from .layers import Linear4bit, Linear8bit
+from .layers import Linear4bit, Linear8bit, is_conv1d
 from .model import resolve_bits
 
 QUANTIZED = {4: Linear4bit, 8: Linear8bit}
@@ -33,12 +33,14 @@ class QLoRALinear(LoRALinear):
     A, B, s LoRA's factors and scaling, exactly as in LoRALinear (this class adds nothing
             to the math; it is a LoRALinear whose base is quantized)
 
-    `base_layer` is either an nn.Linear, quantized here (the given layer is left as it
-    is; `compute_dtype`, `blocksize`, `double_quant` go to Linear4bit/Linear8bit.from_linear), or an
-    already quantized Linear-like layer (Linear4bit, Linear8bit, or anything with
-    in_features, out_features and dequantize()), used as it is. Saved and loaded as a
-    "lora" adapter (a PEFT LoRA file); merging into the packed base is refused, as for
-    any quantized base (lora.merge_lora_weights gives a float layer instead).
+    `base_layer` is either a float nn.Linear (or a transformers Conv1D), quantized here
+    (the given layer is left as it is; `bits` or `method` ("nf4" | "int8") choose the
+    format, as in quantize_model, and `compute_dtype`, `blocksize`, `double_quant` go to
+    Linear4bit/Linear8bit.from_linear), or an already quantized Linear-like layer
+    (Linear4bit, Linear8bit, or anything with in_features, out_features and dequantize()),
+    used as it is. Saved and loaded as a "lora" adapter (a PEFT LoRA file); merging into
+    the packed base is refused, as for any quantized base (lora.merge_lora_weights gives a
+    float layer instead).
     """
 
     def __init__(self, base_layer: nn.Module, *, bits: int | None = None, method: str | None = None,
@@ -47,7 +49,7 @@ class QLoRALinear(LoRALinear):
         if isinstance(base_layer, AdapterLayer):
             raise TypeError(f"QLoRALinear: base_layer is already an adapter ({type(base_layer).__name__}); "
                             f"give the layer it wraps")
-        if isinstance(base_layer, nn.Linear):
+        if isinstance(base_layer, nn.Linear) or is_conv1d(base_layer):
             bits = resolve_bits(bits, method, "QLoRALinear")
             if bits not in QUANTIZED:
                 raise ValueError(f"QLoRALinear: bits must be 4 or 8, got {bits!r}")
@@ -66,6 +68,6 @@ class QLoRALinear(LoRALinear):
                 raise TypeError(f"QLoRALinear: base_layer is already quantized ({type(base_layer).__name__}), "
                                 f"so the quantization options {sorted(given)} do not apply")
         else:
-            raise TypeError(f"QLoRALinear: base_layer must be an nn.Linear (quantized here) or a quantized "
-                            f"Linear-like layer (Linear4bit, Linear8bit), got {type(base_layer).__name__}")
+            raise TypeError(f"QLoRALinear: base_layer must be an nn.Linear or a Conv1D (quantized here) or a "
+                            f"quantized Linear-like layer (Linear4bit, Linear8bit), got {type(base_layer).__name__}")
         super().__init__(base_layer, **lora_options)
