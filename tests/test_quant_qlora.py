@@ -109,6 +109,9 @@ def test_qlora_linear_quantizes_a_float_linear_or_wraps_a_quantized_one():
         QLoRALinear(layer)
     with pytest.raises(TypeError, match="must be an nn.Linear.*got Conv1d"):
         QLoRALinear(nn.Conv1d(4, 4, 1))
+    from test_conv1d_layout import twins                                   # transformers' Conv1D, (in, out)
+    conv, twin = twins(64, 32)
+    assert torch.equal(QLoRALinear(conv).base_layer.dequantize(), Linear4bit.from_linear(twin).dequantize())
 
 
 def test_qlora_linear_layers_save_and_load_as_lora(tmp_path):
