@@ -20,25 +20,35 @@ factors are stored masked; PEFT ignores the masks); HiRA and AdaLoRA's SVD
 form get "NANOPEFT_HIRA" / "NANOPEFT_ADALORA", so PEFT refuses them instead of
 silently loading a different function.
 
-Loading checks everything (config, file integrity, every key and shape) before it
-changes the model, so a failed load leaves the model as it was.
+Loading checks everything (config, file integrity, every key, shape and dtype, finite
+values) before it changes the model, and restores the model if the copy itself fails,
+so a failed load leaves the model as it was.
+
+Saving writes both files to temporaries first and then renames them into place; a
+failure before the renames leaves the folder as it was, and a failed rename puts back
+what the earlier rename replaced. A process killed between the two renames can still
+leave a new file beside an old one: the weights file records, in its safetensors
+metadata, a digest of the config fields that give its tensors their meaning (ranks,
+alphas, targets, method, ...), and loading refuses a pair whose digests differ.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lora.base import AdapterLayer
+from lora.base import AdapterLayer, check_finite
 from lora.model import (ADAPTER_CLASSES, METHODS, LoraConfig, adapter_layers, build_adapters, find_modules_to_save,
-                        install_adapters, modules_outside_adapters, name_matches, pattern_value)
+                        install_adapters, modules_outside_adapters, name_matches, pattern_value, restore_flags)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,6 +62,10 @@ PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "sparse": "LORA",
               "hira": "NANOPEFT_HIRA", "adalora": "NANOPEFT_ADALORA"}
 INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
 # PEFT options this loader does not implement: a file using them is refused, not half-understood.
+# The config fields that give the tensors their meaning; their digest goes into the weights file.
+PAIRED_FIELDS = ("peft_type", "method", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
+                 "use_rslora", "use_dora", "init_lora_weights", "bias", "modules_to_save")
+PAIRING_KEY = "nanopeft_config_digest"
 UNSUPPORTED = {"fan_in_fan_out": False, "layers_to_transform": None, "layers_pattern": None,
                "lora_bias": False, "use_qalora": False, "exclude_modules": None,
                "layer_replication": None, "target_parameters": None, "trainable_token_indices": None}
@@ -189,17 +203,64 @@ def resolve_config(model: nn.Module, config: LoraConfig | None = None) -> tuple[
     return config, meta
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def pairing_digest(meta: dict) -> str:
+    """sha256 of the config fields in PAIRED_FIELDS (a hand edit of other fields keeps it)."""
+    paired = {k: meta.get(k) for k in PAIRED_FIELDS}
+    return hashlib.sha256(json.dumps(paired, sort_keys=True).encode()).hexdigest()
+
+
+def _temp_beside(path: Path, tag: str) -> str:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{tag}")
     os.close(fd)
+    return tmp
+
+
+def _write_weights(state: dict, metadata: dict, tmp: str) -> None:
+    save_file(state, tmp, metadata=metadata)
+
+
+def _write_config(text: str, tmp: str) -> None:
+    Path(tmp).write_text(text)
+
+
+def _replace_together(files: list[tuple[Path, object]]) -> None:
+    """Put new versions of several files in place, all or none (short of a killed process).
+
+    `files` are (path, write) with write(tmp_path) producing the new file. Every file is
+    written to a temporary beside its path first; only then are they renamed over their
+    paths (os.replace: each rename alone is atomic). Old versions are kept aside (a hard
+    link, or a copy where links are not supported) until every rename has succeeded, so a
+    failed rename puts the earlier ones back.
+    """
+    temps, backups, done = [], {}, []
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for path, write in files:
+            temps.append(_temp_beside(path, "tmp"))
+            write(temps[-1])
+        for path, _ in files:
+            if path.exists():
+                backup = _temp_beside(path, "old")
+                os.unlink(backup)
+                try:
+                    os.link(path, backup)
+                except OSError:
+                    shutil.copy2(path, backup)
+                backups[path] = backup
+        try:
+            for (path, _), tmp in zip(files, temps):
+                os.replace(tmp, path)
+                done.append(path)
+        except BaseException:
+            for path in reversed(done):
+                if path in backups:
+                    os.replace(backups.pop(path), path)
+                else:
+                    os.unlink(path)
+            raise
+    finally:
+        for leftover in temps + list(backups.values()):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def save_adapter(model: nn.Module, path, config: LoraConfig | None = None, *,
@@ -210,10 +271,13 @@ def save_adapter(model: nn.Module, path, config: LoraConfig | None = None, *,
     `config` (the one given to add_lora_to_model) supplies target names, dropout, bias and
     modules_to_save; ranks and alphas are read from the layers. Without a config, all of it
     is inferred from the layers and from which parameters train.
-    Each file is written to a temporary file and renamed into place.
+    All-or-nothing: everything is checked (a tensor holding NaN or inf is refused, by
+    key) before the folder is touched, and the two files replace the old pair together
+    (see the module docstring); a folder created for a save that fails is removed.
     """
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"save_adapter: {folder} exists and is not a folder")
     config, meta = resolve_config(model, config)
     meta.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type, revision=revision)
     layers = adapter_layers(model)
@@ -223,9 +287,23 @@ def save_adapter(model: nn.Module, path, config: LoraConfig | None = None, *,
               if isinstance(getattr(layer, mask, None), torch.Tensor)}
     state = {key: masked.get(key, tensor).detach().cpu().clone().contiguous()
              for key, tensor in tensor_plan(model, layers, config)}
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME,
-                  lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            check_finite(tensor, f"save_adapter: {key}")
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    metadata = {"format": "pt", PAIRING_KEY: pairing_digest(meta)}
+    created = [p for p in (folder, *folder.parents) if not p.exists()]   # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _replace_together([(folder / WEIGHTS_NAME, lambda tmp: _write_weights(state, metadata, tmp)),
+                           (folder / CONFIG_NAME, lambda tmp: _write_config(text, tmp))])
+    except BaseException:
+        for made in created:
+            try:
+                made.rmdir()   # only if still empty
+            except OSError:
+                break
+        raise
     return folder
 
 
@@ -277,14 +355,47 @@ def read_config(path) -> LoraConfig:
 
 
 def read_tensors(path) -> dict[str, torch.Tensor]:
+    """The tensors of the weights file, keys with PEFT's prefix. Refuses a damaged file, a
+    floating tensor holding NaN or inf (naming the key), and a file written with another
+    config than the one beside it (see PAIRING_KEY)."""
     file = Path(path) / WEIGHTS_NAME
     if not file.exists():
         raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {Path(path)}")
     try:
         state = load_file(str(file))
+        with safe_open(str(file), "pt") as handle:
+            metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ValueError(f"load_adapter: {file} is truncated or corrupt ({err})") from None
+    digest = metadata.get(PAIRING_KEY)
+    config_file = Path(path) / CONFIG_NAME
+    if digest is not None and config_file.exists():
+        try:
+            meta = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = None   # read_config names that problem
+        if isinstance(meta, dict) and pairing_digest(meta) != digest:
+            raise ValueError(f"load_adapter: {file} was written together with another {CONFIG_NAME} than the "
+                             f"one in {Path(path)} (their ranks, alphas, targets or method differ): a save "
+                             f"interrupted between its two files, or files from two saves; save again")
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            check_finite(tensor, f"load_adapter: {file}: {key}")
     return {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in state.items()}
+
+
+def _copy_into(dest: torch.Tensor, value: torch.Tensor) -> None:
+    dest.copy_(value)
+
+
+def _check_kind(path, key: str, value: torch.Tensor, dest: torch.Tensor) -> None:
+    """A file tensor must be of the destination's kind: floating for factors, bool for masks,
+    and AdaLoRA's float `rank_mask` must hold only 0 and 1."""
+    if dest.is_floating_point() != value.is_floating_point() or (dest.dtype == torch.bool) != (value.dtype == torch.bool):
+        raise ValueError(f"load_adapter: {path}: {key} is {value.dtype} in the file, the model holds "
+                         f"{dest.dtype} there")
+    if key.endswith(".rank_mask") and not ((value == 0) | (value == 1)).all():
+        raise ValueError(f"load_adapter: {path}: {key} must hold only 0 and 1, got {value.unique().tolist()}")
 
 
 def _targets(model: nn.Module, config: LoraConfig) -> tuple[list, bool]:
@@ -318,9 +429,10 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     file_state = read_tensors(path)
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        layers, new = _targets(model, config)
+        layers, new = _targets(model, config)   # new adapters are built aside (build_adapters)
         plan = tensor_plan(model, layers, config)  # (file key, destination tensor)
         expected = {key for key, _ in plan}
+        values = []
         for key, dest in plan:
             if key not in file_state:
                 raise ValueError(f"load_adapter: {path}: the model expects {key} {tuple(dest.shape)}, "
@@ -328,17 +440,26 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
             if tuple(file_state[key].shape) != tuple(dest.shape):
                 raise ValueError(f"load_adapter: {path}: shape mismatch at {key}: file "
                                  f"{tuple(file_state[key].shape)}, model {tuple(dest.shape)}")
+            _check_kind(path, key, file_state[key], dest)
+            values.append(file_state[key].to(device=dest.device, dtype=dest.dtype))
         extra = [k for k in file_state if k not in expected]
         if extra:
             raise ValueError(f"load_adapter: {path}: the file has {extra[0]}, which the model does not "
                              f"expect ({len(extra)} unexpected keys; targets differ)")
+        backups = [dest.detach().clone() for _, dest in plan]   # adapter-sized: put back on failure
     except BaseException:
-        for p, flag in grad_flags:  # building adapters froze bases: undo
-            p.requires_grad_(flag)
+        restore_flags(grad_flags)  # building adapters froze bases: undo
         raise
-    with torch.no_grad():
-        for key, dest in plan:
-            dest.copy_(file_state[key])
-    if new:
-        install_adapters(model, layers, config)
+    try:
+        with torch.no_grad():
+            for (_, dest), value in zip(plan, values):
+                _copy_into(dest, value)
+        if new:
+            install_adapters(model, layers, config)
+    except BaseException:
+        with torch.no_grad():
+            for (_, dest), old in zip(plan, backups):
+                dest.copy_(old)
+        restore_flags(grad_flags)
+        raise
     return model

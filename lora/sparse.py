@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import check_rank, resized_low_rank
+from lora.base import check_finite, check_rank, resized_low_rank
 from lora.layers import LoRALinear
 
 
@@ -95,8 +95,10 @@ class SparseLoRALinear(LoRALinear):
             raise ValueError(f"SparseLoRALinear.prune_ranks: keep must be <= rank {self.rank}, got {keep}")
         if self.merged:
             raise RuntimeError("SparseLoRALinear.prune_ranks: unmerge() before changing the rank")
-        kept = torch.topk(self.component_importance(), keep).indices.sort().values
         A, B = self._factors()
+        check_finite(A, "SparseLoRALinear.prune_ranks: lora_A")   # NaN would rank as the most important
+        check_finite(B, "SparseLoRALinear.prune_ranks: lora_B")
+        kept = torch.topk(self.component_importance(), keep).indices.sort().values
         mask_A, mask_B = self.mask_A[kept], self.mask_B[:, kept]
         self._set_factors(A[kept], B[:, kept])
         self.mask_A, self.mask_B = mask_A.contiguous(), mask_B.contiguous()
@@ -106,9 +108,7 @@ class SparseLoRALinear(LoRALinear):
     def resize(self, new_rank: int) -> None:
         """As LowRankAdapter.resize. Growing keeps the masks and adds dense new components;
         shrinking (SVD of the update) gives dense factors, so the masks reset to all-ones."""
-        check_rank(new_rank, "SparseLoRALinear.resize")
-        if self.merged:
-            raise RuntimeError("SparseLoRALinear.resize: unmerge() before changing the rank")
+        self._check_resizable(new_rank)
         old = self.rank
         A, B = self._factors()
         A, B = resized_low_rank(A, B, new_rank)
