@@ -176,10 +176,24 @@ def resized_low_rank(A: Tensor, B: Tensor, new_rank: int) -> tuple[Tensor, Tenso
     return A_new, B_new
 
 
-def _set_data(param: nn.Parameter, data: Tensor) -> None:
-    """Swap a Parameter's storage, keeping the object (optimizers keep referencing it)."""
-    param.data = data.contiguous()
-    param.grad = None   # an old-shaped gradient cannot be accumulated into the new shape
+def _set_data(*pairs: tuple[nn.Parameter, Tensor]) -> None:
+    """Swap the storage of each (Parameter, new data), keeping the objects (optimizers keep
+    referencing them) and clearing `.grad` (an old-shaped gradient cannot be accumulated into
+    the new shape). All or none: if one swap fails, the earlier ones are put back."""
+    new = [(param, data.contiguous()) for param, data in pairs]
+    old = [(param, param.data, param.grad) for param, _ in new]
+    try:
+        for param, data in new:
+            _assign(param, data)
+    except BaseException:
+        for param, data, grad in old:
+            param.data, param.grad = data, grad
+        raise
+
+
+def _assign(param: nn.Parameter, data: Tensor) -> None:
+    param.data = data
+    param.grad = None
 
 
 class AdapterLayer(nn.Module):
@@ -253,9 +267,9 @@ class AdapterLayer(nn.Module):
         weight = self.base_layer.weight
         new_weight = self.merged_weight()
         check_finite(new_weight, f"{type(self).__name__}.merge: the merged weight W0 + delta W")
-        self._original_weight = weight.detach().clone()
+        original = weight.detach().clone()
         weight.copy_(new_weight)
-        self.merged = True
+        self._original_weight, self.merged = original, True
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -263,8 +277,7 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             return
         self.base_layer.weight.copy_(self._original_weight)
-        self._original_weight = None
-        self.merged = False
+        self._original_weight, self.merged = None, False
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"
@@ -349,8 +362,7 @@ class LowRankAdapter(AdapterLayer):
         new_scaling = lora_scaling(self.alpha, new_rank, self.use_rslora)
         if new_scaling != self.scaling:
             B = (B.to(work_dtype(B)) * (self.scaling / new_scaling)).to(B.dtype)
-        _set_data(self.lora_A, A)
-        _set_data(self.lora_B, B)
+        _set_data((self.lora_A, A), (self.lora_B, B))
         self.scaling = new_scaling
 
     def extra_repr(self) -> str:

@@ -72,7 +72,7 @@ class LoRALinear(LowRankAdapter):
         self.lora_A.copy_(A)                                                # (r, in)
         self.lora_B.copy_(B)                                                # (out, r)
         W = self.base_layer.weight                                          # (out, in)
-        residual = W.float() - self.get_delta_weight().float()
+        residual = W.float() - ((self.lora_B @ self.lora_A) * self.scaling).float()   # (masks not yet built)
         W.copy_(residual)
 
     def _factors(self) -> tuple[Tensor, Tensor]:

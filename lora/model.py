@@ -29,7 +29,8 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 
-from lora.base import AdapterLayer, base_weight, check_alpha, check_dropout, check_finite, check_rank, is_linear_like
+from lora.base import (AdapterLayer, base_weight, check_alpha, check_dropout, check_finite, check_flag, check_rank,
+                       is_linear_like)
 from lora.dora import DoRALinear
 from lora.hira import HiRALinear
 from lora.layers import LoRALinear
@@ -73,6 +74,7 @@ class LoraConfig:
         check_rank(self.r, "LoraConfig.r")
         check_alpha(self.lora_alpha, "LoraConfig.lora_alpha")
         check_dropout(self.lora_dropout, "LoraConfig.lora_dropout")
+        check_flag(self.use_rslora, "LoraConfig.use_rslora")
         if self.method not in METHODS:
             raise ValueError(f"LoraConfig.method: unknown method {self.method!r}; known methods: "
                              f"{', '.join(METHODS)}")
@@ -228,13 +230,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def swap_modules(model: nn.Module, replacements: list[tuple[str, nn.Module]]) -> None:
     """Put each (dotted name, module) in place; if any setattr fails, put the old ones back."""
     old = [(name, model.get_submodule(name)) for name, _ in replacements]
-    done = []
     try:
         for name, module in replacements:
             _set_submodule(model, name, module)
-            done.append(name)
     except BaseException:
-        for name, module in old[:len(done)]:
+        for name, module in old:   # (putting back one that was never replaced changes nothing)
             _set_submodule(model, name, module)
         raise
 
@@ -372,17 +372,22 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
     if not adapter_layers(model):
         raise ValueError(f"mark_only_lora_as_trainable: {type(model).__name__} has no adapter layers, so this "
                          f"would freeze every parameter; add adapters first (lora.add_lora_to_model)")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, layer in adapter_layers(model):
-        for p in layer.adapter_parameters():
-            p.requires_grad_(True)
-        if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
-            layer.base_layer.bias.requires_grad_(True)
-    if bias == "all":
-        for name, p in model.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, layer in adapter_layers(model):
+            for p in layer.adapter_parameters():
                 p.requires_grad_(True)
+            if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)
+        if bias == "all":
+            for name, p in model.named_parameters():
+                if name == "bias" or name.endswith(".bias"):
+                    p.requires_grad_(True)
+    except BaseException:
+        restore_flags(flags)
+        raise
     return model
 
 
@@ -474,17 +479,16 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             layer._check_mergeable()
         except RuntimeError as err:
             raise RuntimeError(f"merge_adapters: {name}: {err}") from None
-    done = []
     try:
         for name, layer in layers:
             try:
                 layer.merge()
             except ValueError as err:  # a non-finite merged weight
                 raise ValueError(f"merge_adapters: {name}: {err}") from None
-            done.append(layer)
     except BaseException:
-        for layer in done:
-            layer.unmerge()
+        for _, layer in layers:
+            if layer.merged:
+                layer.unmerge()
         raise
     return model
 
@@ -492,14 +496,13 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 def unmerge_lora_weights(model: nn.Module) -> nn.Module:
     """Undo `merge_adapters`: call `unmerge()` on every in-place merged adapter.
     All-or-nothing: if one fails, those unmerged by this call are merged again."""
-    done = []
+    layers = [layer for _, layer in adapter_layers(model) if layer.merged]
     try:
-        for _, layer in adapter_layers(model):
-            if layer.merged:
-                layer.unmerge()
-                done.append(layer)
+        for layer in layers:
+            layer.unmerge()
     except BaseException:
-        for layer in done:
-            layer.merge()
+        for layer in layers:
+            if not layer.merged:
+                layer.merge()
         raise
     return model

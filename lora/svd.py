@@ -114,10 +114,9 @@ class SVDLoRALinear(LowRankAdapter):
                               dim=1)
             E_new = torch.cat([(S[:kept, None] * keep_scale).to(E.dtype), E.new_zeros(extra, 1)])
             m_new = m.new_ones(new_rank)
-        _set_data(self.lora_A, A_new)
-        _set_data(self.lora_E, E_new)
-        _set_data(self.lora_B, B_new)
-        self.rank_mask = m_new.contiguous()
+        m_new = m_new.contiguous()
+        _set_data((self.lora_A, A_new), (self.lora_E, E_new), (self.lora_B, B_new))   # all or none
+        self.rank_mask = m_new
         self.scaling = new_scaling
 
     def extra_repr(self) -> str:
