@@ -35,9 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -47,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lora.base import AdapterLayer, check_finite
+from lora.files import replace_together
 from lora.model import (ADAPTER_CLASSES, METHODS, LoraConfig, adapter_layers, build_adapters, find_modules_to_save,
                         install_adapters, modules_outside_adapters, name_matches, pattern_value, restore_flags)
 
@@ -209,58 +207,12 @@ def pairing_digest(meta: dict) -> str:
     return hashlib.sha256(json.dumps(paired, sort_keys=True).encode()).hexdigest()
 
 
-def _temp_beside(path: Path, tag: str) -> str:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{tag}")
-    os.close(fd)
-    return tmp
-
-
 def _write_weights(state: dict, metadata: dict, tmp: str) -> None:
     save_file(state, tmp, metadata=metadata)
 
 
 def _write_config(text: str, tmp: str) -> None:
     Path(tmp).write_text(text)
-
-
-def _replace_together(files: list[tuple[Path, object]]) -> None:
-    """Put new versions of several files in place, all or none (short of a killed process).
-
-    `files` are (path, write) with write(tmp_path) producing the new file. Every file is
-    written to a temporary beside its path first; only then are they renamed over their
-    paths (os.replace: each rename alone is atomic). Old versions are kept aside (a hard
-    link, or a copy where links are not supported) until every rename has succeeded, so a
-    failed rename puts the earlier ones back.
-    """
-    temps, backups, done = [], {}, []
-    try:
-        for path, write in files:
-            temps.append(_temp_beside(path, "tmp"))
-            write(temps[-1])
-        for path, _ in files:
-            if path.exists():
-                backup = _temp_beside(path, "old")
-                os.unlink(backup)
-                try:
-                    os.link(path, backup)
-                except OSError:
-                    shutil.copy2(path, backup)
-                backups[path] = backup
-        try:
-            for (path, _), tmp in zip(files, temps):
-                os.replace(tmp, path)
-                done.append(path)
-        except BaseException:
-            for path in reversed(done):
-                if path in backups:
-                    os.replace(backups.pop(path), path)
-                else:
-                    os.unlink(path)
-            raise
-    finally:
-        for leftover in temps + list(backups.values()):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
 
 
 def save_adapter(model: nn.Module, path, config: LoraConfig | None = None, *,
@@ -295,7 +247,7 @@ def save_adapter(model: nn.Module, path, config: LoraConfig | None = None, *,
     created = [p for p in (folder, *folder.parents) if not p.exists()]   # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _replace_together([(folder / WEIGHTS_NAME, lambda tmp: _write_weights(state, metadata, tmp)),
+        replace_together([(folder / WEIGHTS_NAME, lambda tmp: _write_weights(state, metadata, tmp)),
                            (folder / CONFIG_NAME, lambda tmp: _write_config(text, tmp))])
     except BaseException:
         for made in created:

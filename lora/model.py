@@ -296,8 +296,6 @@ def install_adapters(model: nn.Module, adapters: list[tuple[str, AdapterLayer]],
                      config: LoraConfig) -> nn.Module:
     """Put built adapters in place (setattr on the parent) and set what trains; all-or-nothing."""
     saved = find_modules_to_save(model, config.modules_to_save)
-    if config.bias not in BIASES:
-        raise ValueError(f"install_adapters: bias must be one of {BIASES}, got {config.bias!r}")
     flags = [(p, p.requires_grad) for p in model.parameters()]
     old = [(name, model.get_submodule(name)) for name, _ in adapters]
     swap_modules(model, adapters)

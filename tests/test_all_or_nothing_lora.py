@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lora.adapter_io as adapter_io
+import lora.files as lora_files
 import lora.base as lora_base
 import lora.model as lora_model
 from lora import (AdapterLayer, DoRALinear, HiRALinear, LoraConfig, LoRALinear, SparseLoRALinear, SVDLoRALinear,
@@ -512,14 +513,14 @@ def test_save_failing_on_the_second_file_keeps_the_old_pair(tmp_path, monkeypatc
 def test_save_failing_on_the_second_rename_puts_the_first_back(tmp_path, monkeypatch):
     _, folder = _saved(tmp_path)
     before = snapshot_files(folder)
-    real_replace = adapter_io.os.replace
+    real_replace = lora_files.os.replace
 
     def replace(src, dst):
         if str(dst).endswith(CONFIG_NAME):
             raise OSError("rename failed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(adapter_io.os, "replace", replace)
+    monkeypatch.setattr(lora_files.os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
         save_adapter(with_adapters(seed=7), folder)
     assert_files_unchanged(before, folder)
