@@ -560,3 +560,19 @@ def test_save_onto_a_file_is_refused(tmp_path):
     (tmp_path / "x").write_text("not a folder")
     with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
         save_adapter(with_adapters(), tmp_path / "x")
+
+
+def test_sparse_lora_with_pissa_builds_and_keeps_the_output():
+    """SparseLoRALinear(init="pissa") used to fail inside the constructor (its masks did not exist
+    yet when PiSSA computed the residual), after the base had been frozen."""
+    torch.manual_seed(0)
+    base = nn.Linear(D, 6)
+    x = torch.randn(5, D)
+    expected = base(x)
+    layer = SparseLoRALinear(base, rank=2, init="pissa")
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_config_refuses_a_non_bool_use_rslora():
+    with pytest.raises(TypeError, match="LoraConfig.use_rslora must be True or False, got 'yes'"):
+        LoraConfig(use_rslora="yes")
