@@ -35,27 +35,35 @@ the model remembers (add_lora_to_model and load_adapter keep it on the model), e
 inferred from the layers and the requires_grad flags. Loading freezes the model unless
 is_trainable=True (PEFT's default), so save, load, save writes the same file.
 
-Loading checks everything (config, file integrity, every key and shape) before it
-changes the model, so a failed load leaves the model as it was.
+Loading checks everything (config, file integrity, every key, shape and dtype, finite
+values) before it changes the model, and restores the model if the copy itself fails,
+so a failed load leaves the model as it was.
+
+Saving writes both files to temporaries first and then renames them into place; a
+failure before the renames leaves the folder as it was, and a failed rename puts back
+what the earlier rename replaced. A process killed between the two renames can still
+leave a new file beside an old one: the weights file records, in its safetensors
+metadata, a digest of the config fields that give its tensors their meaning (ranks,
+alphas, scaling, init, method), and loading refuses a pair whose digests differ.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lora.base import AdapterLayer, weight_layout
+from lora.base import AdapterLayer, check_finite, weight_layout
+from lora.files import replace_together
 from lora.model import (CONFIG_ATTR, METHODS, LoraConfig, adapter_layers, build_adapters, find_modules_to_save,
                         install_adapters, mark_trainable, method_of, modules_outside_adapters, name_matches,
-                        pattern_value, remember_config, remembered_config)
+                        pattern_value, remember_config, remembered_config, restore_flags)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -68,6 +76,12 @@ SPARSE_MASKS = {"lora_A": "mask_A", "lora_B": "mask_B"}
 PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "sparse": "LORA",
               "hira": "NANOPEFT_HIRA", "adalora": "NANOPEFT_ADALORA"}
 INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
+# The config fields that give the tensors their meaning; their digest goes into the weights file.
+# Only fields that change what the tensors mean without changing their keys or shapes: targets, bias
+# and modules_to_save show in the keys (checked one by one), so editing those by hand stays possible.
+PAIRED_FIELDS = ("peft_type", "method", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
+                 "use_rslora", "use_dora", "init_lora_weights")
+PAIRING_KEY = "nanopeft_config_digest"
 # PEFT options this loader does not implement: a file using them is refused, not half-understood.
 UNSUPPORTED = {"layers_to_transform": None, "layers_pattern": None,
                "lora_bias": False, "use_qalora": False, "exclude_modules": None,
@@ -215,17 +229,18 @@ def resolve_config(model: nn.Module, config: LoraConfig | None = None) -> tuple[
     return config, meta
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def pairing_digest(meta: dict) -> str:
+    """sha256 of the config fields in PAIRED_FIELDS (a hand edit of other fields keeps it)."""
+    paired = {k: meta.get(k) for k in PAIRED_FIELDS}
+    return hashlib.sha256(json.dumps(paired, sort_keys=True).encode()).hexdigest()
+
+
+def _write_weights(state: dict, metadata: dict, tmp: str) -> None:
+    save_file(state, tmp, metadata=metadata)
+
+
+def _write_config(text: str, tmp: str) -> None:
+    Path(tmp).write_text(text)
 
 
 def save_adapter(model: nn.Module, path, config: LoraConfig | None = None, *,
@@ -237,10 +252,13 @@ def save_adapter(model: nn.Module, path, config: LoraConfig | None = None, *,
     supplies target names, dropout, bias and modules_to_save; ranks and alphas are read from
     the layers. A model that remembers none gets all of it inferred (`resolve_config`).
     Parameters that train but that the file will not hold are named in a warning.
-    Each file is written to a temporary file and renamed into place.
+    All-or-nothing: everything is checked (a tensor holding NaN or inf is refused, by
+    key) before the folder is touched, and the two files replace the old pair together
+    (see the module docstring); a folder created for a save that fails is removed.
     """
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"save_adapter: {folder} exists and is not a folder")
     config, meta = resolve_config(model, config)
     meta.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type, revision=revision)
     layers = adapter_layers(model)
@@ -256,9 +274,23 @@ def save_adapter(model: nn.Module, path, config: LoraConfig | None = None, *,
                       f"(neither adapters, nor modules_to_save {list(config.modules_to_save)}, nor biases under "
                       f"bias={config.bias!r}): {left_out[:5]}{' ...' if len(left_out) > 5 else ''}")
     state = {key: masked.get(key, tensor).detach().cpu().clone().contiguous() for key, tensor in plan}
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME,
-                  lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            check_finite(tensor, f"save_adapter: {key}")
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    metadata = {"format": "pt", PAIRING_KEY: pairing_digest(meta)}
+    created = [p for p in (folder, *folder.parents) if not p.exists()]   # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        replace_together([(folder / WEIGHTS_NAME, lambda tmp: _write_weights(state, metadata, tmp)),
+                          (folder / CONFIG_NAME, lambda tmp: _write_config(text, tmp))])
+    except BaseException:
+        for made in created:
+            try:
+                made.rmdir()   # only if still empty
+            except OSError:
+                break
+        raise
     return folder
 
 
@@ -363,14 +395,47 @@ def _from_peft_fields(meta: dict, where: str) -> LoraConfig:
 
 
 def read_tensors(path) -> dict[str, torch.Tensor]:
+    """The tensors of the weights file, keys with PEFT's prefix. Refuses a damaged file, a
+    floating tensor holding NaN or inf (naming the key), and a file written with another
+    config than the one beside it (see PAIRING_KEY)."""
     file = Path(path) / WEIGHTS_NAME
     if not file.exists():
         raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {Path(path)}")
     try:
         state = load_file(str(file))
+        with safe_open(str(file), "pt") as handle:
+            metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ValueError(f"load_adapter: {file} is truncated or corrupt ({err})") from None
+    digest = metadata.get(PAIRING_KEY)
+    config_file = Path(path) / CONFIG_NAME
+    if digest is not None and config_file.exists():
+        try:
+            meta = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = None   # read_config names that problem
+        if isinstance(meta, dict) and pairing_digest(meta) != digest:
+            raise ValueError(f"load_adapter: {file} was written together with another {CONFIG_NAME} than the "
+                             f"one in {Path(path)} (their ranks, alphas, scaling, init or method differ): a save "
+                             f"interrupted between its two files, or files from two saves; save again")
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            check_finite(tensor, f"load_adapter: {file}: {key}")
     return {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in state.items()}
+
+
+def _copy_into(dest: torch.Tensor, value: torch.Tensor) -> None:
+    dest.copy_(value)
+
+
+def _check_kind(path, key: str, value: torch.Tensor, dest: torch.Tensor) -> None:
+    """A file tensor must be of the destination's kind: floating for factors, bool for masks,
+    and AdaLoRA's float `rank_mask` must hold only 0 and 1."""
+    if dest.is_floating_point() != value.is_floating_point() or (dest.dtype == torch.bool) != (value.dtype == torch.bool):
+        raise ValueError(f"load_adapter: {path}: {key} is {value.dtype} in the file, the model holds "
+                         f"{dest.dtype} there")
+    if key.endswith(".rank_mask") and not ((value == 0) | (value == 1)).all():
+        raise ValueError(f"load_adapter: {path}: {key} must hold only 0 and 1, got {value.unique().tolist()}")
 
 
 def _targets(model: nn.Module, config: LoraConfig) -> tuple[list, bool]:
@@ -407,9 +472,10 @@ def load_adapter(model: nn.Module, path, *, is_trainable: bool = False) -> nn.Mo
     file_state = read_tensors(path)
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        layers, new = _targets(model, config)
+        layers, new = _targets(model, config)   # new adapters are built aside (build_adapters)
         plan = tensor_plan(model, layers, config)  # (file key, destination tensor)
         expected = {key for key, _ in plan}
+        values = []
         for key, dest in plan:
             if key not in file_state:
                 raise ValueError(f"load_adapter: {path}: the model expects {key} {tuple(dest.shape)}, "
@@ -417,19 +483,28 @@ def load_adapter(model: nn.Module, path, *, is_trainable: bool = False) -> nn.Mo
             if tuple(file_state[key].shape) != tuple(dest.shape):
                 raise ValueError(f"load_adapter: {path}: shape mismatch at {key}: file "
                                  f"{tuple(file_state[key].shape)}, model {tuple(dest.shape)}")
+            _check_kind(path, key, file_state[key], dest)
+            values.append(file_state[key].to(device=dest.device, dtype=dest.dtype))
         extra = [k for k in file_state if k not in expected]
         if extra:
             raise ValueError(f"load_adapter: {path}: the file has {extra[0]}, which the model does not "
                              f"expect ({len(extra)} unexpected keys; targets differ)")
+        backups = [dest.detach().clone() for _, dest in plan]   # adapter-sized: put back on failure
     except BaseException:
-        for p, flag in grad_flags:  # building adapters froze bases: undo
-            p.requires_grad_(flag)
+        restore_flags(grad_flags)  # building adapters froze bases: undo
         raise
-    with torch.no_grad():
-        for key, dest in plan:
-            dest.copy_(file_state[key])
-    if new:
-        install_adapters(model, layers, config)
+    try:
+        with torch.no_grad():
+            for (_, dest), value in zip(plan, values):
+                _copy_into(dest, value)
+        if new:
+            install_adapters(model, layers, config)
+    except BaseException:
+        with torch.no_grad():
+            for (_, dest), old in zip(plan, backups):
+                dest.copy_(old)
+        restore_flags(grad_flags)
+        raise
     if is_trainable:
         mark_trainable(model, config)
     else:

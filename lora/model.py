@@ -35,7 +35,8 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 
-from lora.base import AdapterLayer, base_weight, check_rank, is_linear_like, weight_layout
+from lora.base import (AdapterLayer, base_weight, check_alpha, check_dropout, check_finite, check_flag, check_rank,
+                       is_linear_like, weight_layout)
 from lora.dora import DoRALinear
 from lora.hira import HiRALinear
 from lora.layers import LoRALinear
@@ -79,11 +80,9 @@ class LoraConfig:
 
     def __post_init__(self):
         check_rank(self.r, "LoraConfig.r")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or self.lora_alpha <= 0:
-            raise ValueError(f"LoraConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_alpha(self.lora_alpha, "LoraConfig.lora_alpha")
+        check_dropout(self.lora_dropout, "LoraConfig.lora_dropout")
+        check_flag(self.use_rslora, "LoraConfig.use_rslora")
         if self.method not in METHODS:
             raise ValueError(f"LoraConfig.method: unknown method {self.method!r}; known methods: "
                              f"{', '.join(METHODS)}")
@@ -112,8 +111,7 @@ class LoraConfig:
             check_rank(value, f"LoraConfig.rank_pattern[{key!r}]")
         for key, value in self.alpha_pattern.items():
             _compile(key, "LoraConfig.alpha_pattern key")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"LoraConfig.alpha_pattern[{key!r}] must be a positive number, got {value!r}")
+            check_alpha(value, f"LoraConfig.alpha_pattern[{key!r}]")
 
     def rank_for(self, name: str) -> int:
         return pattern_value(self.rank_pattern, name, self.r)
@@ -252,6 +250,23 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def swap_modules(model: nn.Module, replacements: list[tuple[str, nn.Module]]) -> None:
+    """Put each (dotted name, module) in place; if any setattr fails, put the old ones back."""
+    old = [(name, model.get_submodule(name)) for name, _ in replacements]
+    try:
+        for name, module in replacements:
+            _set_submodule(model, name, module)
+    except BaseException:
+        for name, module in old:   # (putting back one that was never replaced changes nothing)
+            _set_submodule(model, name, module)
+        raise
+
+
+def restore_flags(flags: list[tuple[torch.Tensor, bool]]) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
 # --- surgery ---------------------------------------------------------------------------------
 def adapter_class(method: str) -> type:
     if method not in ADAPTER_CLASSES:
@@ -281,23 +296,46 @@ def build_adapters(model: nn.Module, config: LoraConfig, copy_bases: bool = Fals
                    ) -> list[tuple[str, AdapterLayer]]:
     """The adapters `config` puts on `model`, built but NOT installed (see `install_adapters`).
 
-    Building freezes the base layers; init="pissa" also rewrites the base weight in
-    place, unless `copy_bases` (then each adapter wraps a copy of its base).
+    Building leaves `model` as it was if any adapter fails: each adapter wraps the model's
+    own base layer and freezes it (those flags are restored on failure), except where the
+    adapter would rewrite its base (init="pissa", or `copy_bases`): it then wraps a copy,
+    and the model's layer is only dropped when the adapter is installed. (So PiSSA briefly
+    holds W0 and its residual side by side; a weight tied to another module keeps W0 there.)
+    An adapter's error names the target it was built for.
     """
     adapter_class(config.method)  # unknown method: fail before touching anything
+    copy_bases = copy_bases or config.init == "pissa"
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     built = []
-    for name in find_targets(model, config):
-        base = model.get_submodule(name)
-        built.append((name, make_adapter(copy.deepcopy(base) if copy_bases else base, config, name)))
+    try:
+        for name in find_targets(model, config):
+            base = model.get_submodule(name)
+            try:
+                built.append((name, make_adapter(copy.deepcopy(base) if copy_bases else base, config, name)))
+            except (ValueError, TypeError) as err:
+                if type(err) not in (ValueError, TypeError):
+                    raise
+                raise type(err)(f"target {name!r}: {err}") from err
+    except BaseException:
+        restore_flags(flags)  # the constructors that succeeded froze their bases
+        raise
     return built
 
 
 def install_adapters(model: nn.Module, adapters: list[tuple[str, AdapterLayer]],
                      config: LoraConfig) -> nn.Module:
-    """Put built adapters in place (setattr on the parent) and set what trains (`mark_trainable`)."""
-    for name, layer in adapters:
-        _set_submodule(model, name, layer)
-    return mark_trainable(model, config)
+    """Put built adapters in place (setattr on the parent) and set what trains (`mark_trainable`);
+    all-or-nothing."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    old = [(name, model.get_submodule(name)) for name, _ in adapters]
+    swap_modules(model, adapters)
+    try:
+        mark_trainable(model, config)
+    except BaseException:
+        swap_modules(model, old)
+        restore_flags(flags)
+        raise
+    return model
 
 
 def mark_trainable(model: nn.Module, config: LoraConfig) -> nn.Module:
@@ -316,13 +354,27 @@ def add_lora_to_model(model: nn.Module, config: LoraConfig | None = None, **over
     `config` is a LoraConfig (or a PEFT LoraConfig, converted); `overrides` are LoraConfig
     fields (or rank=, alpha=, dropout=) applied over it. The model remembers the resulting
     config (`remembered_config`), so save_adapter writes what was asked for here.
-    Returns the same model object.
+    Returns the same model object. All-or-nothing: every adapter is built (and checked) on
+    the side before the first one is put in place, so a failure leaves `model` as it was.
+    A model that already holds adapters is refused, whatever the targets.
     """
     config = make_config(config, **overrides)
+    existing = [name for name, _ in adapter_layers(model)]
+    if existing:
+        shown = existing if len(existing) <= 6 else existing[:6] + [f"... ({len(existing) - 6} more)"]
+        raise ValueError(f"add_lora_to_model: {type(model).__name__} already has adapters ({len(existing)} "
+                         f"adapter layers: {shown}); to fill them from a file use lora.load_adapter(model, path), "
+                         f"to add other adapters start from a fresh model (or lora.merge_lora_weights(model) first)")
     targets = find_targets(model, config)
     find_modules_to_save(model, config.modules_to_save, targets=targets)  # check names before any change
-    check_patterns(config, targets)                      # before build_adapters freezes the bases
-    install_adapters(model, build_adapters(model, config), config)
+    check_patterns(config, targets)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    adapters = build_adapters(model, config)             # changes nothing in model if it fails
+    try:
+        install_adapters(model, adapters, config)
+    except BaseException:
+        restore_flags(flags)                             # building froze the bases
+        raise
     remember_config(model, config)
     return model
 
@@ -386,20 +438,29 @@ def remembered_config(model: nn.Module) -> LoraConfig | None:
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
-    """Freeze everything but adapter parameters; bias="all" / "lora_only" also trains biases."""
+    """Freeze everything but adapter parameters; bias="all" / "lora_only" also trains biases.
+    A model without adapters is refused (it would freeze every parameter)."""
     if bias not in BIASES:
         raise ValueError(f"mark_only_lora_as_trainable: bias must be one of {BIASES}, got {bias!r}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, layer in adapter_layers(model):
-        for p in layer.adapter_parameters():
-            p.requires_grad_(True)
-        if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
-            layer.base_layer.bias.requires_grad_(True)
-    if bias == "all":
-        for name, p in model.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
+    if not adapter_layers(model):
+        raise ValueError(f"mark_only_lora_as_trainable: {type(model).__name__} has no adapter layers, so this "
+                         f"would freeze every parameter; add adapters first (lora.add_lora_to_model)")
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, layer in adapter_layers(model):
+            for p in layer.adapter_parameters():
                 p.requires_grad_(True)
+            if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)
+        if bias == "all":
+            for name, p in model.named_parameters():
+                if name == "bias" or name.endswith(".bias"):
+                    p.requires_grad_(True)
+    except BaseException:
+        restore_flags(flags)
+        raise
     return model
 
 
@@ -446,7 +507,7 @@ def lora_state_dict(model: nn.Module, modules_to_save: Sequence[str] = ()) -> di
 
 # --- merging ---------------------------------------------------------------------------------
 @torch.no_grad()
-def merged_linear(layer: AdapterLayer) -> nn.Module:
+def merged_linear(layer: AdapterLayer, name: str = "") -> nn.Module:
     """A plain layer computing what `layer` computes: W0 (dequantized) + delta W, summed in
     float32 and stored in the dtype of the weight the base stands for: an nn.Linear's own, a
     quantized layer's `weight_dtype` (its weight before quantization) or else float32, so
@@ -459,6 +520,7 @@ def merged_linear(layer: AdapterLayer) -> nn.Module:
     W = base_weight(base).float()                                     # (out, in)
     if not layer.merged:
         W = W + layer.get_delta_weight().float()
+    check_finite(W, f"merge_lora_weights: the merged weight W0 + delta W of {name or type(layer).__name__}")
     if weight_layout(base) == "in_out":
         merged = copy.deepcopy(base)
         base_weight(merged).copy_(W)                                  # through the (out, in) view
@@ -480,25 +542,49 @@ def merged_linear(layer: AdapterLayer) -> nn.Module:
 def merge_lora_weights(model: nn.Module) -> nn.Module:
     """Replace every adapter by a plain nn.Linear holding W0 + delta W (works for quantized
     bases: W0 is dequantized; a Conv1D base stays a Conv1D, see `merged_linear`). The result
-    holds no adapter; it is returned (the same object unless `model` itself is an adapter)."""
-    for name, layer in adapter_layers(model):
-        if not name:
-            return merged_linear(layer)
-        _set_submodule(model, name, merged_linear(layer))
+    holds no adapter; it is returned (the same object unless `model` itself is an adapter).
+    All-or-nothing: every merged layer is built (and checked finite) before the first is put in place."""
+    layers = adapter_layers(model)
+    if layers and not layers[0][0]:
+        return merged_linear(layers[0][1])
+    swap_modules(model, [(name, merged_linear(layer, name)) for name, layer in layers])
     model.__dict__.pop(CONFIG_ATTR, None)          # no adapters left to describe
     return model
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
-    """Call `merge()` on every adapter (in place into float bases, nn.Linear or Conv1D; quantized bases refuse)."""
-    for _, layer in adapter_layers(model):
-        layer.merge()
+    """Call `merge()` on every adapter (in place into float bases, nn.Linear or Conv1D; quantized bases refuse).
+    All-or-nothing: if one adapter cannot merge, those merged by this call are unmerged (exact)."""
+    layers = [(name, layer) for name, layer in adapter_layers(model) if not layer.merged]
+    for name, layer in layers:   # refuse a quantized base before merging anything
+        try:
+            layer._check_mergeable()
+        except RuntimeError as err:
+            raise RuntimeError(f"merge_adapters: {name}: {err}") from None
+    try:
+        for name, layer in layers:
+            try:
+                layer.merge()
+            except ValueError as err:  # a non-finite merged weight
+                raise ValueError(f"merge_adapters: {name}: {err}") from None
+    except BaseException:
+        for _, layer in layers:
+            if layer.merged:
+                layer.unmerge()
+        raise
     return model
 
 
 def unmerge_lora_weights(model: nn.Module) -> nn.Module:
-    """Undo `merge_adapters`: call `unmerge()` on every in-place merged adapter."""
-    for _, layer in adapter_layers(model):
-        if layer.merged:
+    """Undo `merge_adapters`: call `unmerge()` on every in-place merged adapter.
+    All-or-nothing: if one fails, those unmerged by this call are merged again."""
+    layers = [layer for _, layer in adapter_layers(model) if layer.merged]
+    try:
+        for layer in layers:
             layer.unmerge()
+    except BaseException:
+        for layer in layers:
+            if not layer.merged:
+                layer.merge()
+        raise
     return model
