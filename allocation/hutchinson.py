@@ -61,6 +61,8 @@ def hutchinson_traces(loss_fn: Callable[[int], Tensor], params: Mapping[str, Ten
     if min_samples < 2 or max_samples < min_samples:
         raise ValueError(f"hutchinson_traces: need 2 <= min_samples <= max_samples, "
                          f"got {min_samples}, {max_samples}")
+    if not tol >= 0:
+        raise ValueError(f"hutchinson_traces: tol must be >= 0, got {tol!r}")
     names = list(params)
     tensors = [params[k] for k in names]
     for k, p in zip(names, tensors):
@@ -183,6 +185,10 @@ def sensitivity_ranks(traces: Mapping[str, TraceEstimate | float], shapes: Mappi
 def module_shapes(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:
     """name -> (in_features, out_features) of Linear-like modules (or an adapter's base)."""
     modules = dict(model.named_modules())
+    names = list(names)
+    bad = [n for n in names if not hasattr(modules.get(n), "in_features")]
+    if bad:
+        raise ValueError(f"module_shapes: no Linear-like module named {bad} in the model")
     return {n: (int(modules[n].in_features), int(modules[n].out_features)) for n in names}
 
 
