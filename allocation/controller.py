@@ -193,6 +193,49 @@ def resize_with_state(layer: nn.Module, new_rank: int, optimizer=None) -> None:
             lambda v: (ratio ** 2 * (v.to(work) @ Tt.square())).to(v.dtype))
 
 
+def snapshot_layer(layer: nn.Module, optimizer=None) -> dict:
+    """All a resize may change: each Parameter / buffer outside the base (the object itself,
+    a copy of its values and of its gradient), the plain attributes (scaling) and the
+    optimizer state of the Parameters."""
+    entries = []
+    for key, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+        if not key.startswith("base_layer."):
+            grad = t.grad.detach().clone() if isinstance(t, nn.Parameter) and t.grad is not None else None
+            entries.append((key, t, t.detach().clone(), grad))
+    opt = {}
+    if optimizer is not None:
+        for _, t, _, _ in entries:
+            if isinstance(t, nn.Parameter) and t in optimizer.state:
+                opt[t] = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[t].items()}
+    attrs = {k: v for k, v in vars(layer).items() if not k.startswith("_") and isinstance(v, PLAIN)}
+    return {"entries": entries, "attrs": attrs, "opt": opt}
+
+
+@torch.no_grad()
+def restore_layer(layer: nn.Module, snap: dict, optimizer=None) -> None:
+    """Put the snapshot's own objects back, holding their old values, gradients and optimizer
+    state (no SVD on the way: a resize back could not restore values). The old Parameter
+    objects keep their old shapes, so a graph still holding them stays consistent."""
+    for key, obj, data, grad in snap["entries"]:
+        owner_name, _, attr = key.rpartition(".")
+        owner = layer.get_submodule(owner_name) if owner_name else layer
+        current = getattr(owner, attr)
+        obj.data = data
+        if isinstance(obj, nn.Parameter):
+            obj.grad = grad
+            if current is not obj:
+                setattr(owner, attr, obj)
+                _move_param(optimizer, current, obj)
+            if optimizer is not None:
+                optimizer.state.pop(obj, None)
+                if obj in snap["opt"]:
+                    optimizer.state[obj] = snap["opt"][obj]
+        elif current is not obj:
+            owner._buffers[attr] = obj
+    for key, value in snap["attrs"].items():
+        setattr(layer, key, value)
+
+
 class RankController:
     """Grows/shrinks adapter ranks by score under a hard cap on adapter training bytes."""
 
@@ -230,49 +273,6 @@ class RankController:
         return sum(training_bytes(p.numel(), p.dtype) for _, layer in self.layers
                    for p in layer.adapter_parameters())
 
-    @staticmethod
-    def _snapshot(layer: nn.Module, optimizer) -> dict:
-        """All a resize may change: each Parameter / buffer outside the base (the object itself,
-        a copy of its values and of its gradient), the plain attributes (scaling) and the
-        optimizer state of the Parameters."""
-        entries = []
-        for key, t in list(layer.named_parameters()) + list(layer.named_buffers()):
-            if not key.startswith("base_layer."):
-                grad = t.grad.detach().clone() if isinstance(t, nn.Parameter) and t.grad is not None else None
-                entries.append((key, t, t.detach().clone(), grad))
-        opt = {}
-        if optimizer is not None:
-            for _, t, _, _ in entries:
-                if isinstance(t, nn.Parameter) and t in optimizer.state:
-                    opt[t] = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[t].items()}
-        attrs = {k: v for k, v in vars(layer).items() if not k.startswith("_") and isinstance(v, PLAIN)}
-        return {"entries": entries, "attrs": attrs, "opt": opt}
-
-    @staticmethod
-    @torch.no_grad()
-    def _restore(layer: nn.Module, snap: dict, optimizer) -> None:
-        """Put the snapshot's own objects back, holding their old values, gradients and optimizer
-        state (no SVD on the way: a resize back could not restore values). The old Parameter
-        objects keep their old shapes, so a graph still holding them stays consistent."""
-        for key, obj, data, grad in snap["entries"]:
-            owner_name, _, attr = key.rpartition(".")
-            owner = layer.get_submodule(owner_name) if owner_name else layer
-            current = getattr(owner, attr)
-            obj.data = data
-            if isinstance(obj, nn.Parameter):
-                obj.grad = grad
-                if current is not obj:
-                    setattr(owner, attr, obj)
-                    _move_param(optimizer, current, obj)
-                if optimizer is not None:
-                    optimizer.state.pop(obj, None)
-                    if obj in snap["opt"]:
-                        optimizer.state[obj] = snap["opt"][obj]
-            elif current is not obj:
-                owner._buffers[attr] = obj
-        for key, value in snap["attrs"].items():
-            setattr(layer, key, value)
-
     def apply_ranks(self, new_ranks: dict[str, int], optimizer=None) -> bool:
         """Resize layers to `new_ranks` (shrinks first), carrying optimizer state.
 
@@ -291,18 +291,18 @@ class RankController:
                                  f"(min(in, out), or the layer's current rank if larger), got {r!r}")
         changes = [(n, r) for n, r in new_ranks.items() if r != by_name[n].rank]
         changes.sort(key=lambda nr: nr[1] - by_name[nr[0]].rank)               # shrinks first
-        snaps = {n: self._snapshot(by_name[n], optimizer) for n, _ in changes}
+        snaps = {n: snapshot_layer(by_name[n], optimizer) for n, _ in changes}
         try:
             for n, r in changes:
                 resize_with_state(by_name[n], r, optimizer)
         except BaseException:           # all-or-nothing: a failed resize puts every layer back
             for n, _ in changes:
-                self._restore(by_name[n], snaps[n], optimizer)
+                restore_layer(by_name[n], snaps[n], optimizer)
             raise
         cap = self.config.memory_cap_bytes
         if cap is not None and self.adapter_bytes() > cap:
             for n, _ in changes:
-                self._restore(by_name[n], snaps[n], optimizer)
+                restore_layer(by_name[n], snaps[n], optimizer)
             self.n_rollbacks += 1
             return False
         return True

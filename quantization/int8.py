@@ -46,7 +46,8 @@ class Int8Tensor:
         n = self.numel
         if self.blocksize is not None:
             check_blocksize(self.blocksize)
-            check_storage("Int8Tensor.data", self.data, (torch.int8,), n, f"one code per element of {tuple(self.shape)}")
+            check_storage("Int8Tensor.data", self.data, (torch.int8,), n,
+                          f"one code per element of {tuple(self.shape)}")
             check_storage("Int8Tensor.scale", self.scale, FLOAT_DTYPES, -(-n // self.blocksize),
                           f"one per block of {self.blocksize} of {n} elements")
             if self.outlier_cols is not None or self.outlier_weight is not None:

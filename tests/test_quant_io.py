@@ -93,7 +93,8 @@ def test_file_naming_a_layer_the_model_lacks(qfile, tmp_path):
 def test_damaged_files_name_the_file(qfile, tmp_path, damage):
     bad = tmp_path / f"{damage}.safetensors"
     raw = qfile.read_bytes()
-    bad.write_bytes({"empty": b"", "truncated": raw[: len(raw) - 100], "garbage": b"not a safetensors file" * 9}[damage])
+    bad.write_bytes({"empty": b"", "truncated": raw[: len(raw) - 100],
+                     "garbage": b"not a safetensors file" * 9}[damage])
     model = Tiny()
     before = snapshot(model)
     with pytest.raises(ValueError, match=f"{damage}.safetensors"):
