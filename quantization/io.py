@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -95,8 +96,19 @@ def empty_layer(spec: dict) -> nn.Module:
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the whole model (quantized layers included) to one .safetensors file."""
     specs = {name: layer_spec(m) for name, m in model.named_modules() if isinstance(m, (Linear4bit, Linear8bit))}
-    # save_model (not save_file) drops duplicate names of shared tensors (tied embeddings).
-    save_model(model, str(path), metadata={METADATA_KEY: json.dumps(specs)})
+    # Written beside the target and renamed over it: a process killed mid-write leaves the old
+    # file (or none), never a truncated one.  (quantization may not import trainers.results'
+    # atomic writer, which does the same.)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        # save_model (not save_file) drops duplicate names of shared tensors (tied embeddings).
+        save_model(model, tmp, metadata={METADATA_KEY: json.dumps(specs)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_quantized(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[dict, dict]:

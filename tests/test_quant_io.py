@@ -182,3 +182,17 @@ def test_quantized_layers_refuse_bad_sizes():
     from quantization import Linear8bit
     with pytest.raises(ValueError, match="n_outlier_cols must be an int in"):
         Linear8bit(8, 8, n_outlier_cols=9)
+
+
+def test_save_killed_mid_write_keeps_the_old_file(qfile, monkeypatch):
+    old = qfile.read_bytes()
+
+    def dies(model, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(qio, "save_model", dies)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(quantize_model(Tiny(), bits=4), qfile)
+    assert qfile.read_bytes() == old
+    assert sorted(p.name for p in qfile.parent.iterdir()) == ["q.safetensors"]
