@@ -25,7 +25,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_model
 
-from .layers import Linear4bit, Linear8bit
+from .layers import Linear4bit, Linear8bit, in_out_features
 from .model import replace_module
 from .nf4 import BLOCKSIZES, FLOAT_DTYPES
 
@@ -166,10 +166,11 @@ def _build_layers(model: nn.Module, specs: dict, tensors: dict, where: str, devi
         except AttributeError:
             raise ValueError(f"load_quantized: {where} has a quantized layer {name!r}, the model has no module "
                              f"of that name") from None
-        shape = (getattr(old, "in_features", None), getattr(old, "out_features", None))
-        if None in shape:
+        try:
+            shape = in_out_features(old)                 # a float Linear or Conv1D, or quantized
+        except AttributeError:
             raise ValueError(f"load_quantized: {name} is a {type(old).__name__} in the model, not a linear layer; "
-                             f"{where} holds a quantized linear layer there")
+                             f"{where} holds a quantized linear layer there") from None
         if shape != (spec["in_features"], spec["out_features"]):
             raise ValueError(f"load_quantized: {name} is {shape[0]}->{shape[1]} in the model, "
                              f"{spec['in_features']}->{spec['out_features']} in {where}")
