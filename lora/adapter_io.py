@@ -27,6 +27,14 @@ layout, in PEFT too), so a file loads whatever its flag says, and one from HF GP
 (Conv1D) loads into our GPT-2 (nn.Linear, same names) and back. PEFT does the same:
 it resets the flag per layer from the layer's type, with a warning.
 
+`modules_to_save` entries select modules as PEFT selects them (name ends with the
+entry); on loading, an entry that selects nothing is ignored, as in PEFT.
+
+What a file holds is decided by a config: the one passed to save_adapter, else the one
+the model remembers (add_lora_to_model and load_adapter keep it on the model), else one
+inferred from the layers and the requires_grad flags. Loading freezes the model unless
+is_trainable=True (PEFT's default), so save, load, save writes the same file.
+
 Loading checks everything (config, file integrity, every key and shape) before it
 changes the model, so a failed load leaves the model as it was.
 """
@@ -35,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -44,8 +53,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lora.base import AdapterLayer, weight_layout
-from lora.model import (ADAPTER_CLASSES, METHODS, LoraConfig, adapter_layers, build_adapters, find_modules_to_save,
-                        install_adapters, modules_outside_adapters, name_matches, pattern_value)
+from lora.model import (CONFIG_ATTR, METHODS, LoraConfig, adapter_layers, build_adapters, find_modules_to_save,
+                        install_adapters, mark_trainable, method_of, modules_outside_adapters, name_matches,
+                        pattern_value, remember_config, remembered_config)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -66,10 +76,10 @@ UNSUPPORTED = {"layers_to_transform": None, "layers_pattern": None,
 
 # --- saving ----------------------------------------------------------------------------------
 def _method_of(layer: AdapterLayer) -> str:
-    for method, cls in ADAPTER_CLASSES.items():
-        if type(layer) is cls:
-            return method
-    raise TypeError(f"save_adapter: no method is known for adapter class {type(layer).__name__}")
+    method = method_of(layer)
+    if method is None:
+        raise TypeError(f"save_adapter: no method is known for adapter class {type(layer).__name__}")
+    return method
 
 
 def _exact_pattern(values: dict[str, object], default, what: str) -> dict:
@@ -115,7 +125,8 @@ def tensor_plan(model: nn.Module, layers: list[tuple[str, AdapterLayer]], config
                 continue
             if isinstance(bias, torch.Tensor):
                 plan.append((PREFIX + key, bias))
-    for module, sub in find_modules_to_save(model, config.modules_to_save):
+    saved = find_modules_to_save(model, config.modules_to_save, strict=False, targets=[n for n, _ in layers])
+    for module, sub in saved:
         for name, p in sub.named_parameters():
             plan.append((f"{PREFIX}{module}.{name}", p))
     unique = dict(plan)  # a key met twice (a saved module that is also a bias holder) is one tensor
@@ -123,14 +134,17 @@ def tensor_plan(model: nn.Module, layers: list[tuple[str, AdapterLayer]], config
 
 
 def _infer_extras(model: nn.Module, layers) -> tuple[str, tuple[str, ...]]:
-    """(bias, modules_to_save) as the model's requires_grad flags show them: the top-most
-    modules outside the adapters whose parameters all train, and which biases train."""
+    """(bias, modules_to_save) as the model's requires_grad flags show them, for a model that
+    remembers no config: the top-most modules that hold no adapter and own parameters, all of
+    which train (so a wrapper such as `self_attn`, whose only parameters are its adapters' when
+    the bases are quantized and hold buffers, is not one), and which biases train."""
+    adapted = [n for n, _ in layers]
     saved: list[str] = []
     for name, module in modules_outside_adapters(model):
-        params = list(module.parameters())
-        if not name or isinstance(module, AdapterLayer) or not params:
+        if not name or isinstance(module, AdapterLayer) or any(a.startswith(name + ".") for a in adapted):
             continue
-        if any(name.startswith(s + ".") for s in saved) or not all(p.requires_grad for p in params):
+        params = list(module.parameters())
+        if any(name.startswith(s + ".") for s in saved) or not params or not all(p.requires_grad for p in params):
             continue
         saved.append(name)
     adapted_bias = any(getattr(getattr(layer.base_layer, "bias", None), "requires_grad", False)
@@ -142,8 +156,10 @@ def _infer_extras(model: nn.Module, layers) -> tuple[str, tuple[str, ...]]:
 
 
 def resolve_config(model: nn.Module, config: LoraConfig | None = None) -> tuple[LoraConfig, dict]:
-    """The config to save for the adapters now in `model` (given, or inferred from the layers
-    and the requires_grad flags) and the matching adapter_config.json content."""
+    """The config to save for the adapters now in `model` and the matching adapter_config.json
+    content. The config is the one given, else the one the model remembers (add_lora_to_model
+    and load_adapter keep it), else, as a last resort, inferred from the layers and the
+    requires_grad flags (which a frozen load or a hand-frozen head would mislead)."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no adapter layers")
@@ -154,6 +170,9 @@ def resolve_config(model: nn.Module, config: LoraConfig | None = None) -> tuple[
     names = [n for n, _ in layers]
     ranks = {n: layer.rank for n, layer in layers}
     alphas = {n: layer.alpha for n, layer in layers}
+    source = "config"
+    if config is None and remembered_config(model) is not None:
+        config, source = remembered_config(model), f"the config the model remembers (model.{CONFIG_ATTR})"
     if config is None:
         first = layers[0][1]
         bias, modules_to_save = _infer_extras(model, layers)
@@ -163,11 +182,11 @@ def resolve_config(model: nn.Module, config: LoraConfig | None = None) -> tuple[
                             use_rslora=getattr(first, "use_rslora", False),
                             init=getattr(first, "init", "kaiming"), bias=bias, modules_to_save=modules_to_save)
     if config.method != method:
-        raise ValueError(f"save_adapter: config.method is {config.method!r} but the model's adapters are "
+        raise ValueError(f"save_adapter: {source} has method {config.method!r} but the model's adapters are "
                          f"{method!r} ({type(layers[0][1]).__name__})")
     for n, layer in layers:
         if getattr(layer, "use_rslora", False) != config.use_rslora:
-            raise ValueError(f"save_adapter: {n} has use_rslora={not config.use_rslora}, the config says "
+            raise ValueError(f"save_adapter: {n} has use_rslora={not config.use_rslora}, {source} says "
                              f"{config.use_rslora}")
     targets = config.target_modules
     if isinstance(targets, str) or any(not any(name_matches(n, t) for n in names) for t in targets) \
@@ -214,9 +233,10 @@ def save_adapter(model: nn.Module, path, config: LoraConfig | None = None, *,
                  revision: str | None = None) -> Path:
     """Write the model's adapters to the folder `path` (created if needed); returns the folder.
 
-    `config` (the one given to add_lora_to_model) supplies target names, dropout, bias and
-    modules_to_save; ranks and alphas are read from the layers. Without a config, all of it
-    is inferred from the layers and from which parameters train.
+    `config` (by default the one the model remembers from add_lora_to_model / load_adapter)
+    supplies target names, dropout, bias and modules_to_save; ranks and alphas are read from
+    the layers. A model that remembers none gets all of it inferred (`resolve_config`).
+    Parameters that train but that the file will not hold are named in a warning.
     Each file is written to a temporary file and renamed into place.
     """
     folder = Path(path)
@@ -228,8 +248,14 @@ def save_adapter(model: nn.Module, path, config: LoraConfig | None = None, *,
     masked = {file_key(module, name): getattr(layer, name) * getattr(layer, mask)
               for module, layer in layers for name, mask in SPARSE_MASKS.items()
               if isinstance(getattr(layer, mask, None), torch.Tensor)}
-    state = {key: masked.get(key, tensor).detach().cpu().clone().contiguous()
-             for key, tensor in tensor_plan(model, layers, config)}
+    plan = tensor_plan(model, layers, config)
+    planned = {id(tensor) for _, tensor in plan}
+    left_out = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in planned]
+    if left_out:
+        warnings.warn(f"save_adapter: {len(left_out)} trainable parameters are not in the adapter file "
+                      f"(neither adapters, nor modules_to_save {list(config.modules_to_save)}, nor biases under "
+                      f"bias={config.bias!r}): {left_out[:5]}{' ...' if len(left_out) > 5 else ''}")
+    state = {key: masked.get(key, tensor).detach().cpu().clone().contiguous() for key, tensor in plan}
     _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _atomic_write(folder / CONFIG_NAME,
                   lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
@@ -248,31 +274,81 @@ def read_config(path) -> LoraConfig:
         raise ValueError(f"load_adapter: {file} is not valid JSON ({err})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"load_adapter: {file} must hold a JSON object, got {type(meta).__name__}")
+    return _from_peft_fields(meta, f"load_adapter: {file}")
+
+
+# Fields of a PEFT LoraConfig that say nothing about the adapters' function: ignored when converting one.
+PEFT_BOOKKEEPING = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                    "revision", "inference_mode")
+# Fields _from_peft_fields reads (fan_in_fan_out only checked: each layer's type says its layout).
+PEFT_CONVERTED = ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern",
+                  "use_rslora", "use_dora", "init_lora_weights", "bias", "modules_to_save", "fan_in_fan_out")
+
+
+def config_from_peft(peft_config) -> LoraConfig:
+    """Our LoraConfig for a PEFT `LoraConfig` object, duck-typed: `to_dict()` gives PEFT's fields.
+
+    Converted field by field as a PEFT file is (`read_config`). Any other field whose value
+    differs from a default-constructed object of the same class asks for something this
+    library does not implement (layers_to_transform, lora_bias, ...) and is refused by name.
+    """
+    cls = type(peft_config)
+    where = f"add_lora_to_model: config ({cls.__module__}.{cls.__qualname__})"
+    meta = dict(peft_config.to_dict())
+    peft_type = str(getattr(meta.get("peft_type"), "value", meta.get("peft_type")) or "LORA")
+    if peft_type != "LORA":
+        raise ValueError(f"{where}: peft_type {peft_type!r}; only LoRA configs (peft_type 'LORA', with or "
+                         f"without use_dora) convert to a lora.LoraConfig")
+    try:
+        defaults = dict(cls().to_dict())
+    except Exception:  # noqa: BLE001 - a class that needs arguments: compare with neutral values only
+        defaults = {}
+    for key, value in meta.items():
+        if key in PEFT_CONVERTED or key in PEFT_BOOKKEEPING:
+            continue
+        if value not in (None, False, [], {}, "") and (key not in defaults or value != defaults[key]):
+            default = f" (only its default, {defaults[key]!r})" if key in defaults else ""
+            raise ValueError(f"{where}: field {key}={value!r} is not supported{default}; the fields nanopeft "
+                             f"converts: {', '.join(PEFT_CONVERTED)}")
+    if meta.get("target_modules") is None:
+        raise ValueError(f"{where}: target_modules=None (PEFT then picks defaults by model type); "
+                         f"give target_modules explicitly")
+    init = meta.get("init_lora_weights", True)
+    if init not in (True, "gaussian", "pissa"):   # False: PEFT starts B random, so the model changes at init
+        raise ValueError(f"{where}: init_lora_weights={init!r} is not supported; supported: True "
+                         f"(kaiming A, zero B), 'gaussian', 'pissa'")
+    return _from_peft_fields({**meta, "peft_type": peft_type}, where)
+
+
+def _from_peft_fields(meta: dict, where: str) -> LoraConfig:
+    """LoraConfig from PEFT's field names (an adapter_config.json, or a PEFT LoraConfig's to_dict())."""
     method = meta.get("method") or ("dora" if meta.get("use_dora") else "lora")
     if method not in METHODS:
-        raise ValueError(f"load_adapter: {file}: unknown method {method!r}; known methods: {', '.join(METHODS)}")
+        raise ValueError(f"{where}: unknown method {method!r}; known methods: {', '.join(METHODS)}")
     peft_type = meta.get("peft_type")
     if peft_type != PEFT_TYPES[method]:
-        raise ValueError(f"load_adapter: {file}: peft_type {peft_type!r} with method {method!r}; "
+        raise ValueError(f"{where}: peft_type {peft_type!r} with method {method!r}; "
                          f"expected {PEFT_TYPES[method]!r} (only LoRA-family adapters are supported)")
     if not isinstance(meta.get("fan_in_fan_out", False), bool):
-        raise ValueError(f"load_adapter: {file}: fan_in_fan_out must be true or false, "
+        raise ValueError(f"{where}: fan_in_fan_out must be true or false, "
                          f"got {meta['fan_in_fan_out']!r}")
     for key, neutral in UNSUPPORTED.items():
         if meta.get(key, neutral) not in (neutral, [], {}, ""):
-            raise ValueError(f"load_adapter: {file}: PEFT option {key}={meta[key]!r} is not supported")
+            raise ValueError(f"{where}: PEFT option {key}={meta[key]!r} is not supported")
     raw_init = meta.get("init_lora_weights", True)
     if raw_init == "pissa":
         init = "pissa"  # deterministic from W0, so a fresh model gets the same residual base
     elif raw_init in (True, False, None, "gaussian"):
-        # only the starting values of A and B differ, and the file overwrites those
+        # only the starting values of A and B differ, and a file overwrites those
         init = "gaussian" if raw_init == "gaussian" and method in ("lora", "sparse") else "kaiming"
     else:  # e.g. "pissa_niter_4", "olora", "loftq": they rewrite the base in ways not reproduced here
-        raise ValueError(f"load_adapter: {file}: init_lora_weights={raw_init!r} is not supported "
+        raise ValueError(f"{where}: init_lora_weights={raw_init!r} is not supported "
                          f"(it changes the base weights); supported: true, false, 'gaussian', 'pissa'")
     targets = meta.get("target_modules")
+    if isinstance(targets, (set, frozenset)):   # a PEFT LoraConfig object holds a set
+        targets = sorted(targets)
     if targets is None:
-        raise ValueError(f"load_adapter: {file} has no target_modules")
+        raise ValueError(f"{where}: has no target_modules")
     try:
         return LoraConfig(r=meta["r"], lora_alpha=meta["lora_alpha"],
                           lora_dropout=meta.get("lora_dropout", 0.0), target_modules=targets, method=method,
@@ -281,9 +357,9 @@ def read_config(path) -> LoraConfig:
                           use_rslora=bool(meta.get("use_rslora", False)), init=init,
                           bias=meta.get("bias", "none"), modules_to_save=tuple(meta.get("modules_to_save") or ()))
     except KeyError as err:
-        raise ValueError(f"load_adapter: {file} lacks the field {err}") from None
+        raise ValueError(f"{where}: lacks the field {err}") from None
     except (ValueError, TypeError) as err:
-        raise ValueError(f"load_adapter: {file}: {err}") from None
+        raise ValueError(f"{where}: {err}") from None
 
 
 def read_tensors(path) -> dict[str, torch.Tensor]:
@@ -305,7 +381,7 @@ def _targets(model: nn.Module, config: LoraConfig) -> tuple[list, bool]:
             if layer.merged:
                 raise ValueError(f"load_adapter: {name!r} is merged into its base; unmerge first "
                                  f"(lora.unmerge_lora_weights(model))")
-            if type(layer) is not ADAPTER_CLASSES.get(config.method):
+            if method_of(layer) != config.method:
                 raise ValueError(f"load_adapter: the file holds {config.method!r} adapters, the model has "
                                  f"{type(layer).__name__} at {name!r}")
             rslora = getattr(layer, "use_rslora", False)
@@ -317,12 +393,15 @@ def _targets(model: nn.Module, config: LoraConfig) -> tuple[list, bool]:
     return build_adapters(model, config, copy_bases=config.init == "pissa"), True
 
 
-def load_adapter(model: nn.Module, path) -> nn.Module:
+def load_adapter(model: nn.Module, path, *, is_trainable: bool = False) -> nn.Module:
     """Load the adapter folder `path` into `model` and return it.
 
     A model without adapters gets them added from the saved config first (as
     add_lora_to_model would); a model with adapters must match the file exactly.
-    Everything is checked before anything is changed.
+    The whole model is then frozen, as PEFT's `is_trainable=False` leaves it (for
+    inference); `is_trainable=True` trains what the file's config trains (adapters,
+    modules_to_save, biases). The model remembers the file's config, so saving it
+    again writes the same file. Everything is checked before anything is changed.
     """
     config = read_config(path)
     file_state = read_tensors(path)
@@ -351,4 +430,9 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
             dest.copy_(file_state[key])
     if new:
         install_adapters(model, layers, config)
+    if is_trainable:
+        mark_trainable(model, config)
+    else:
+        model.requires_grad_(False)
+    remember_config(model, config)
     return model

@@ -27,7 +27,8 @@ class LoRALinear(LowRankAdapter):
     so the output is unchanged at init. Needs a float base (nn.Linear or Conv1D).
 
     Built around a base layer, `LoRALinear(nn.Linear(768, 768), rank=8)`, or from
-    scratch, `LoRALinear(768, 768, rank=8, alpha=16, pretrained_weight=W, bias=b)`.
+    scratch, `LoRALinear(768, 768, rank=8, alpha=16, pretrained_weight=W, bias=b)`
+    (also `LoRALinear(in_features=768, out_features=768, ...)`).
 
     Speed: the textbook forward, base(x) + s (x A^T) B^T, costs the base matmul plus
     a full-size add (and a second input gradient to sum in backward). For a plain
@@ -36,12 +37,19 @@ class LoRALinear(LowRankAdapter):
     matmul each way, so training costs barely more than the frozen layer alone.
     """
 
-    def __init__(self, base_layer: nn.Module | int, out_features: int | None = None, *,
-                 rank: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming", pretrained_weight: Tensor | None = None, bias: Tensor | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, base_layer: nn.Module | int | None = None, out_features: int | None = None, *,
+                 in_features: int | None = None, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming", pretrained_weight: Tensor | None = None,
+                 bias: Tensor | None = None, dtype: torch.dtype | None = None):
+        if in_features is not None:       # the keyword form, LoRALinear(in_features=..., out_features=...)
+            if base_layer is not None:
+                raise TypeError("LoRALinear: give either a base layer or in_features=, not both")
+            base_layer = in_features
         if isinstance(base_layer, int) and not isinstance(base_layer, bool):
             base_layer = _linear_from_weights(base_layer, out_features, pretrained_weight, bias)
+        elif base_layer is None:
+            raise TypeError("LoRALinear: give a base layer, or in_features and out_features "
+                            "(with optional pretrained_weight=, bias=)")
         elif out_features is not None or pretrained_weight is not None or bias is not None:
             raise TypeError("LoRALinear: give either a base layer, or in_features, out_features "
                             "(with optional pretrained_weight=, bias=), not both")

@@ -11,6 +11,9 @@ matching follow Hugging Face PEFT, so a `LoraConfig` here means what it means th
   a list: an entry matches a name equal to it or ending in "." + entry
   ("q_proj" matches "model.layers.0.self_attn.q_proj", not "my_q_proj");
   "all-linear": every Linear-like layer except `lm_head` and `modules_to_save`.
+- `modules_to_save` entries: PEFT's rule, which is looser than target_modules': a
+  module is selected when its name ends with the entry ("classifier" selects
+  "pre_classifier" too), and only top-most selected modules count.
 - `rank_pattern` / `alpha_pattern` keys: a regex matching the end of the name at
   a dot boundary (`re.match(rf"(.*\\.)?({key})$", name)`); the first key (in dict
   order) that matches wins, else `r` / `lora_alpha`.
@@ -70,7 +73,9 @@ class LoraConfig:
     use_rslora: bool = False                # rsLoRA scaling alpha / sqrt(r) (Kalajdzievski 2023)
     init: str = "kaiming"                   # A's init: "kaiming", "gaussian" or "pissa" (lora, sparse)
     bias: str = "none"                      # which biases train: "none", "all", "lora_only"
-    modules_to_save: Sequence[str] = ()     # extra modules trained in full and saved (e.g. "classifier")
+    modules_to_save: Sequence[str] = ()     # extra modules trained in full and saved (e.g. "classifier"); an
+                                            # entry selects every module whose name ENDS with it (PEFT's rule,
+                                            # so "classifier" also selects DistilBERT's "pre_classifier")
 
     def __post_init__(self):
         check_rank(self.r, "LoraConfig.r")
@@ -137,12 +142,27 @@ def name_matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def make_config(config: LoraConfig | None = None, **overrides) -> LoraConfig:
-    """`config` (or the defaults) with `overrides` applied; accepts rank/alpha/dropout as aliases."""
+def saved_name_matches(name: str, entry: str) -> bool:
+    """A `modules_to_save` entry, as PEFT matches it (`key.endswith(entry)` in peft.utils.other._set_trainable):
+    any name that ends with the entry, at a dot boundary or not."""
+    return name.endswith(entry)
+
+
+def make_config(config=None, **overrides) -> LoraConfig:
+    """`config` (or the defaults) with `overrides` applied; accepts rank/alpha/dropout as aliases.
+
+    `config` may also be a PEFT `LoraConfig` (anything with `to_dict()` giving PEFT's fields):
+    it is converted field by field, and a field set to something this library does not
+    implement is refused by name (lora.adapter_io.config_from_peft)."""
     if config is None:
         config = LoraConfig()
     elif not isinstance(config, LoraConfig):
-        raise TypeError(f"add_lora_to_model: config must be a lora.LoraConfig, got {type(config).__name__}")
+        if not callable(getattr(config, "to_dict", None)):
+            cls = type(config)
+            raise TypeError(f"add_lora_to_model: config must be a lora.LoraConfig or a PEFT LoraConfig "
+                            f"(an object with to_dict()), got {cls.__module__}.{cls.__qualname__}")
+        from lora.adapter_io import config_from_peft   # adapter_io imports this module: import on use
+        config = config_from_peft(config)
     fields = {f.name for f in dataclasses.fields(LoraConfig)}
     changes = {}
     for key, value in overrides.items():
@@ -188,7 +208,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     saved = config.modules_to_save
 
     def excluded(name: str) -> bool:
-        return any(name_matches(name, m) for m in saved)
+        return any(saved_name_matches(name, m) for m in saved)
 
     targets = config.target_modules
     if targets == "all-linear":
@@ -239,6 +259,13 @@ def adapter_class(method: str) -> type:
     return ADAPTER_CLASSES[method]
 
 
+def method_of(layer: AdapterLayer) -> str | None:
+    """The method an adapter implements: that of the nearest class in its MRO that ADAPTER_CLASSES
+    names (a subclass such as quantization's QLoRALinear is a "lora" adapter), or None."""
+    methods = {cls: method for method, cls in ADAPTER_CLASSES.items()}
+    return next((methods[cls] for cls in type(layer).__mro__ if cls in methods), None)
+
+
 def make_adapter(base: nn.Module, config: LoraConfig, name: str = "") -> AdapterLayer:
     """One adapter of `config.method` around `base`, with the rank/alpha `name` gets from the patterns."""
     cls = adapter_class(config.method)
@@ -267,12 +294,17 @@ def build_adapters(model: nn.Module, config: LoraConfig, copy_bases: bool = Fals
 
 def install_adapters(model: nn.Module, adapters: list[tuple[str, AdapterLayer]],
                      config: LoraConfig) -> nn.Module:
-    """Put built adapters in place (setattr on the parent) and set what trains."""
-    saved = find_modules_to_save(model, config.modules_to_save)
+    """Put built adapters in place (setattr on the parent) and set what trains (`mark_trainable`)."""
     for name, layer in adapters:
         _set_submodule(model, name, layer)
+    return mark_trainable(model, config)
+
+
+def mark_trainable(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Train what `config` trains: the adapters, the biases its `bias` names and its
+    `modules_to_save` (an entry that selects nothing is skipped, as PEFT does); freeze the rest."""
     mark_only_lora_as_trainable(model, bias=config.bias)
-    for _, module in saved:
+    for _, module in find_modules_to_save(model, config.modules_to_save, strict=False):
         module.requires_grad_(True)
     return model
 
@@ -281,14 +313,18 @@ def add_lora_to_model(model: nn.Module, config: LoraConfig | None = None, **over
     """Wrap every target layer of `model` in an adapter (in place); only adapters stay trainable
     (and `modules_to_save`, and biases per `bias`).
 
-    `overrides` are LoraConfig fields (or rank=, alpha=, dropout=) applied over `config`.
+    `config` is a LoraConfig (or a PEFT LoraConfig, converted); `overrides` are LoraConfig
+    fields (or rank=, alpha=, dropout=) applied over it. The model remembers the resulting
+    config (`remembered_config`), so save_adapter writes what was asked for here.
     Returns the same model object.
     """
     config = make_config(config, **overrides)
-    find_modules_to_save(model, config.modules_to_save)  # check names before any change
     targets = find_targets(model, config)
+    find_modules_to_save(model, config.modules_to_save, targets=targets)  # check names before any change
     check_patterns(config, targets)                      # before build_adapters freezes the bases
-    return install_adapters(model, build_adapters(model, config), config)
+    install_adapters(model, build_adapters(model, config), config)
+    remember_config(model, config)
+    return model
 
 
 def check_patterns(config: LoraConfig, targets: list[str]) -> None:
@@ -303,16 +339,50 @@ def check_patterns(config: LoraConfig, targets: list[str]) -> None:
                                  f"(it must match the end of a name at a dot boundary); adapted modules: {shown}")
 
 
-def find_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module]]:
-    found = []
-    modules = modules_outside_adapters(model)
+def find_modules_to_save(model: nn.Module, names: Sequence[str], *, strict: bool = True,
+                         targets: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
+    """(name, module) for every module `names` selects: outside the adapters, its name ending with
+    an entry (PEFT's rule, `saved_name_matches`); top-most only, in module order (a module inside
+    a selected one is saved with it).
+
+    strict: an entry that selects nothing is an error (in add_lora_to_model a typo would leave
+    a head frozen); loading passes strict=False and ignores such entries, as PEFT does (its
+    sequence-classification configs list both "classifier" and "score"; a model has one).
+    A selected module must not hold an adapter (already in `model`, or one of `targets`):
+    it would be trained in full, base weights included, and saved twice."""
+    modules = [(n, m) for n, m in modules_outside_adapters(model) if n and not isinstance(m, AdapterLayer)]
+    chosen: set[str] = set()
     for entry in names:
-        hits = [(n, m) for n, m in modules if n and name_matches(n, entry)]
-        if not hits:
-            raise ValueError(f"modules_to_save: {entry!r} matches no module; module names: "
-                             f"{sorted({n.rsplit('.', 1)[-1] for n, _ in modules if n})}")
-        found += hits
+        hits = {n for n, _ in modules if saved_name_matches(n, entry)}
+        if strict and not hits:
+            raise ValueError(f"modules_to_save: {entry!r} matches no module (a module is selected when its "
+                             f"name ends with the entry); module names: "
+                             f"{sorted({n.rsplit('.', 1)[-1] for n, _ in modules})}")
+        chosen |= hits
+    found = [(n, m) for n, m in modules if n in chosen and not any(n.startswith(c + ".") for c in chosen)]
+    adapted = [n for n, _ in adapter_layers(model)] + list(targets)
+    for name, _ in found:
+        inner = [a for a in adapted if a.startswith(name + ".")]
+        if inner:
+            raise ValueError(f"modules_to_save: {name!r} holds the adapter (or target) {inner[0]!r}; a module "
+                             f"trained and saved in full cannot also hold adapters")
     return found
+
+
+# --- the config a model's adapters were made with ---------------------------------------------
+CONFIG_ATTR = "nanopeft_config"
+
+
+def remember_config(model: nn.Module, config: LoraConfig) -> None:
+    """Keep `config` on the root module (add_lora_to_model and load_adapter do this), as a plain
+    attribute: deepcopy and pickling carry it, state_dict does not (the adapter file holds it)."""
+    setattr(model, CONFIG_ATTR, config)
+
+
+def remembered_config(model: nn.Module) -> LoraConfig | None:
+    """The config `model`'s adapters were added or loaded with, or None."""
+    config = model.__dict__.get(CONFIG_ATTR)
+    return config if isinstance(config, LoraConfig) else None
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
@@ -415,6 +485,7 @@ def merge_lora_weights(model: nn.Module) -> nn.Module:
         if not name:
             return merged_linear(layer)
         _set_submodule(model, name, merged_linear(layer))
+    model.__dict__.pop(CONFIG_ATTR, None)          # no adapters left to describe
     return model
 
 

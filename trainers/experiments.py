@@ -38,7 +38,7 @@ from allocation.sparsity import SparsityAllocator
 from lora.adapter_io import save_adapter
 from lora.base import module_device
 from lora.model import LoraConfig, adapter_layers, add_lora_to_model, find_targets
-from quantization.model import quantize_model
+from quantization.model import HEAD_NAMES, quantize_model   # HEAD_NAMES: the task heads, never quantized or adapted
 from trainers import metrics, models
 from trainers.checkpoints import config_from_hf, load_hf_model, load_llama2c, read_hf_config, resolve_source
 from trainers.data import get_task, load_task, read_raw
@@ -52,8 +52,6 @@ from trainers.train import TrainConfig, train
 METHODS = ("lora", "sparse", "hira", "dora", "adalora", "full")
 ALLOCATIONS = ("uniform", "adalora", "hutchinson", "curvature", "manual")
 QUANTS = (None, 4, 8, "mixed")
-# Layers never quantized or adapted by default: the task heads (tied to the embedding in GPT-2).
-HEAD_NAMES = ("lm_head", "score", "classifier", "pre_classifier", "qa_outputs")
 
 
 @dataclass
@@ -390,7 +388,9 @@ def model_kind(family: str, task_kind: str) -> str:
              ("gpt2", "lm"): "gpt2", ("gpt2", "summarization"): "gpt2",
              ("distilbert", "classification"): "distilbert-cls",
              ("distilbert", "pair_classification"): "distilbert-cls", ("distilbert", "qa"): "distilbert-qa",
-             ("llama", "lm"): "llama", ("llama", "summarization"): "llama"}
+             ("llama", "lm"): "llama", ("llama", "summarization"): "llama",
+             ("llama", "classification"): "llama-cls", ("llama", "pair_classification"): "llama-cls",
+             ("llama", "qa"): "llama-qa"}
     if (family, task_kind) not in kinds:
         fits = sorted({f for f, k in kinds if k == task_kind})
         raise ValueError(f"a {family} model has no head for a {task_kind} task; families that do: {fits}")
@@ -423,9 +423,10 @@ def load_model(model_name: str, task_name: str, *, max_length: int = 128, data_d
         torch.manual_seed(seed)
         return models.build_model(kind, config_cls.tiny(**fields)), tokenizer
     if model_name in LLAMA2C_MODELS:
-        model_kind("llama", spec.kind)
+        kind = model_kind("llama", spec.kind)
+        overrides = {"num_labels": spec.num_labels} if kind.endswith("-cls") else {}
         folder, weights, tok = LLAMA2C_MODELS[model_name]
-        return (load_llama2c(data_file(folder, weights, explicit=data_dir)),
+        return (load_llama2c(data_file(folder, weights, explicit=data_dir), kind, **overrides),
                 Llama2cTokenizer.from_file(data_file(folder, tok, explicit=data_dir)))
     try:
         folder = resolve_source(model_name)
