@@ -12,7 +12,7 @@ from allocation.controller import ControllerConfig, CurvatureRankAllocator, Rank
 from allocation.curvature import CurvatureTracker
 from allocation.sparsity import SparsityAllocator
 from lora.model import add_lora_to_model
-from tests.core_snapshot import assert_unchanged, snapshot
+from tests.snapshot import assert_unchanged, snapshot
 
 
 def _net(method="lora", r=4):

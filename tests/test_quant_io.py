@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import quantization.io as qio
 from quantization import (Int8Tensor, Linear4bit, NF4Tensor, dequantize_int8, dequantize_nf4, load_quantized,
                           quantize_int8, quantize_model, quantize_nf4, save_quantized)
-from tests.core_snapshot import assert_unchanged, snapshot
+from tests.snapshot import assert_unchanged, snapshot
 
 
 class Tiny(nn.Module):

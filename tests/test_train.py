@@ -367,7 +367,7 @@ def _grown_checkpoint(folder):
 
 
 def test_resume_into_a_model_whose_adapters_differ_changes_nothing(tmp_path):
-    from tests.core_snapshot import assert_unchanged, snapshot
+    from tests.snapshot import assert_unchanged, snapshot
     _grown_checkpoint(tmp_path)
     model = make_model()
     model.head = LoRALinear(model.head, rank=2, alpha=4)     # one more adapter than the checkpoint's run
@@ -381,7 +381,7 @@ def test_resume_into_a_model_whose_adapters_differ_changes_nothing(tmp_path):
 
 
 def test_resume_refuses_trainable_parameters_of_another_shape_before_resizing(tmp_path):
-    from tests.core_snapshot import assert_unchanged, snapshot
+    from tests.snapshot import assert_unchanged, snapshot
     path = _grown_checkpoint(tmp_path)
     state = torch.load(path, weights_only=False)
     state["trainable"]["mid.lora_A"] = torch.zeros(4, D + 1)   # in_features disagree at the saved rank
@@ -397,7 +397,7 @@ def test_resume_refuses_trainable_parameters_of_another_shape_before_resizing(tm
 
 def test_resume_failing_at_the_last_moment_is_undone(tmp_path, monkeypatch):
     import trainers.train as train_module
-    from tests.core_snapshot import assert_unchanged, snapshot
+    from tests.snapshot import assert_unchanged, snapshot
     _grown_checkpoint(tmp_path)
     model = make_model()
     before, rng = snapshot(model), torch.get_rng_state()
