@@ -300,7 +300,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     # The zero padding of the last block gets the code of level 0.0 (7), as in bitsandbytes:
     # it shows up in the low nibble of the last byte when n is odd.
     codes = nearest_nf4_code(scaled.reshape(-1))
-    packed = pack_nibbles(codes)[: (n + 1) // 2]
+    packed = pack_nibbles(codes)
+    if packed.numel() != (n + 1) // 2:   # drop the padding's bytes; a copy, so no hidden storage is kept
+        packed = packed[: (n + 1) // 2].clone()
     if not double_quant:
         return NF4Tensor(packed=packed, shape=w.shape, dtype=w.dtype, blocksize=blocksize, absmax=absmax)
     mean = absmax.mean()

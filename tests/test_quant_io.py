@@ -196,3 +196,19 @@ def test_save_killed_mid_write_keeps_the_old_file(qfile, monkeypatch):
         save_quantized(quantize_model(Tiny(), bits=4), qfile)
     assert qfile.read_bytes() == old
     assert sorted(p.name for p in qfile.parent.iterdir()) == ["q.safetensors"]
+
+
+@pytest.mark.parametrize("shape", [(7, 10), (3, 7), (64, 1)])
+def test_shapes_that_do_not_fill_the_last_block_save_and_load(tmp_path, shape):
+    # The packed codes of a weight whose size is not a multiple of the block size used to be a
+    # slice of the padded buffer, which safetensors refuses to save ("None is covering the entire storage").
+    torch.manual_seed(0)
+    out_f, in_f = shape
+    make = lambda: nn.Sequential(nn.Linear(in_f, out_f), nn.ReLU(), nn.Linear(out_f, 3))   # noqa: E731
+    model = quantize_model(make(), bits=4)
+    q = model[0].nf4()
+    assert q.packed.untyped_storage().nbytes() == q.packed.numel()
+    save_quantized(model, tmp_path / "q.safetensors")
+    loaded = load_quantized(make(), tmp_path / "q.safetensors")
+    x = torch.randn(5, in_f)
+    assert torch.equal(loaded(x), model(x))
