@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from .layers import Linear4bit, Linear8bit, is_conv1d
-from .model import plan_quantization, replace_module
+from .model import plan_quantization, replace_module, resolve_bits, warn_left_in_float
 
 
 @dataclass(frozen=True)
@@ -190,19 +190,21 @@ def _quantized(name: str, module: nn.Module, bits: int, weight: torch.Tensor, bi
     return layer.to(weight.device)
 
 
-def fill_quantized(skeleton: nn.Module, tensors: dict[str, LazyTensor], bits: int | dict[str, int] = 4,
+def fill_quantized(skeleton: nn.Module, tensors: dict[str, LazyTensor], bits: int | dict[str, int] | None = None,
                    skip: list[str] | tuple[str, ...] = (), compute_dtype: torch.dtype | None = None,
-                   blocksize: int = 64, double_quant: bool = True,
-                   device: str | torch.device | None = None) -> nn.Module:
+                   blocksize: int = 64, double_quant: bool = True, *, method: str | None = None,
+                   include_head: bool = False, device: str | torch.device | None = None) -> nn.Module:
     """Fill `skeleton` (parameters on the meta device) from `tensors`, quantizing as quantize_model
     would; in place, returns the skeleton.  See the module docstring.
 
-    bits, skip, compute_dtype, blocksize, double_quant: as in quantize_model.
+    bits, skip, compute_dtype, blocksize, double_quant, method, include_head: as in quantize_model
+      (heads and tied weights stay float unless include_head; a warning names what stays float).
     device: where the parameters and quantized layers go (default: the CPU); each float
       weight is moved there before it is quantized, as quantize_model on a model on `device`.
     """
     device = torch.device("cpu" if device is None else device)
-    plan = plan_quantization(skeleton, bits, skip)
+    left: list[str] = []
+    plan = plan_quantization(skeleton, resolve_bits(bits, method, "fill_quantized"), skip, include_head, left)
     params = dict(skeleton.named_parameters())           # a tied weight once, under its first name
     _check(skeleton, params, tensors)
 
@@ -229,4 +231,5 @@ def fill_quantized(skeleton: nn.Module, tensors: dict[str, LazyTensor], bits: in
                 module._buffers[key] = buffers[id(b)]
     for name, layer in layers.items():
         replace_module(skeleton, name, layer)
+    warn_left_in_float(skeleton, left, "fill_quantized")
     return skeleton

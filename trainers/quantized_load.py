@@ -69,14 +69,16 @@ def _init_fresh_heads(model: nn.Module, names: list[str]) -> None:
                 p.zero_() if key == "bias" else p.normal_(0.0, 0.02)
 
 
-def load_quantized_model(name_or_path, bits: int | dict[str, int] = 4, device: str | torch.device | None = None, *,
-                         kind: str | None = None, dtype: torch.dtype | None = None,
-                         skip: list[str] | tuple[str, ...] = (), compute_dtype: torch.dtype | None = None,
-                         blocksize: int = 64, double_quant: bool = True, **overrides) -> nn.Module:
+def load_quantized_model(name_or_path, bits: int | dict[str, int] | None = None,
+                         device: str | torch.device | None = None, *, method: str | None = None,
+                         include_head: bool = False, skip: list[str] | tuple[str, ...] = (),
+                         compute_dtype: torch.dtype | None = None, blocksize: int = 64, double_quant: bool = True,
+                         kind: str | None = None, dtype: torch.dtype | None = None, **overrides) -> nn.Module:
     """A pretrained model with its Linear layers quantized as they are read (see the module docstring).
 
     name_or_path: an HF folder or hub id (as load_hf_model), or a llama2.c .bin file.
-    bits, skip, compute_dtype, blocksize, double_quant: as in quantize_model (4, 8 or {pattern: bits}).
+    bits, method, include_head, skip, compute_dtype, blocksize, double_quant: as in quantize_model
+      (bits 4, 8 or {pattern: bits}; default NF4; heads and tied weights stay float).
     device: where the model is built (default: the CPU); each weight is quantized there.
     kind, dtype, overrides: as in load_hf_model (llama2.c files: kind "llama", "llama-cls" or "llama-qa").
     Returned in eval mode, with the load report on `model.load_report`, like load_hf_model.
@@ -102,6 +104,7 @@ def load_quantized_model(name_or_path, bits: int | dict[str, int] = 4, device: s
     for name, key in plan.items():
         entry = tensors[key]
         by_param[name] = entry.then(torch.t, entry.shape[::-1]) if name in key_map.transpose else entry
-    fill_quantized(model, by_param, bits, skip, compute_dtype, blocksize, double_quant, device)
+    fill_quantized(model, by_param, bits, skip, compute_dtype, blocksize, double_quant, method=method,
+                   include_head=include_head, device=device)
     model.load_report = report
     return model.eval()
