@@ -26,6 +26,7 @@ and the new layers and parameters are built aside and swapped into the skeleton 
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -132,6 +133,24 @@ def safetensors_tensors(files: list[str | os.PathLike]) -> dict[str, LazyTensor]
 # Filling the skeleton.
 
 
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), or a no-op where there is none (macOS, musl, Windows).
+
+    Each layer frees its float weight and quantization scratch (several MB) but keeps its packed
+    codes, allocated meanwhile (a few hundred KB): glibc's heap keeps the freed holes resident.
+    On the 349M-parameter benchmark model that left the RSS of the finished load 140 MB (a third)
+    above the 408 MB the model holds; trimming after each layer returns the holes to the system
+    (+421 MB in all, 0.32 of the checkpoint instead of 0.41) for 1.2 s of 41 s (measured)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):
+        return lambda: None
+    return lambda: trim(0) and None
+
+
+RELEASE_FREED_MEMORY = _malloc_trim()
+
+
 def _check(skeleton: nn.Module, params: dict[str, nn.Parameter], tensors: dict[str, LazyTensor]) -> None:
     """Every problem at once, before anything is read."""
     problems = []
@@ -216,6 +235,7 @@ def fill_quantized(skeleton: nn.Module, tensors: dict[str, LazyTensor], bits: in
         where = tensors[f"{name}.weight"].where if f"{name}.weight" in tensors else "already in the skeleton"
         layers[name] = _quantized(name, module, b, weight, bias, compute_dtype, blocksize, double_quant, where)
         del weight, bias
+        RELEASE_FREED_MEMORY()
     quantized_params = {f"{name}.{p}" for name in plan for p in ("weight", "bias")}
     floats = {id(p): nn.Parameter(_value(name, p, tensors, device), requires_grad=p.requires_grad)
               for name, p in params.items() if name not in quantized_params}

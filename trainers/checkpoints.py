@@ -264,9 +264,12 @@ class LoadReport:
     ignored: list[str]  # checkpoint keys dropped on purpose (buffers, other heads)
 
 
-def match_keys(model: nn.Module, shapes: dict[str, tuple], key_map: KeyMap) -> tuple[dict[str, str], LoadReport]:
+def match_keys(model: nn.Module, shapes: dict[str, tuple], key_map: KeyMap, where: dict[str, str] | None = None,
+               origin: str | None = None) -> tuple[dict[str, str], LoadReport]:
     """Which checkpoint key fills which parameter, from the keys and shapes alone (nothing read):
-    ({our name: checkpoint key as in `shapes`}, the report). Fails naming every bad key."""
+    ({our name: checkpoint key as in `shapes`}, the report). Fails naming every bad key, and for
+    a checkpoint read from files, `where` each key is ("'key' in 'file'") and the `origin` folder or file."""
+    where = where or {}
     prefixes = (key_map.prefix, *key_map.other_prefixes)
     stripped = {next((k[len(p):] for p in prefixes if k.startswith(p)), k): k for k in shapes}
     ours = dict(model.named_parameters())  # a tied weight appears once, under its first name
@@ -280,7 +283,8 @@ def match_keys(model: nn.Module, shapes: dict[str, tuple], key_map: KeyMap) -> t
         shape = tuple(shapes[stripped[source]])
         shape = shape[::-1] if name in key_map.transpose else shape
         if shape != tuple(param.shape):
-            misshapen.append(f"{source}: checkpoint {shape} vs model {name} {tuple(param.shape)}")
+            misshapen.append(f"{where.get(stripped[source], source)}: checkpoint {shape} vs model {name} "
+                             f"{tuple(param.shape)}")
         plan[name] = stripped[source]
     used = {stripped[key_map.names[name]] for name in plan}
     unexpected = [k for k, original in stripped.items() if original not in used]
@@ -290,11 +294,12 @@ def match_keys(model: nn.Module, shapes: dict[str, tuple], key_map: KeyMap) -> t
     if missing:
         problems.append(f"missing from the checkpoint: {', '.join(missing)}")
     if extra:
-        problems.append(f"unexpected in the checkpoint: {', '.join(extra)}")
+        problems.append(f"unexpected in the checkpoint: {', '.join(where.get(stripped[k], k) for k in extra)}")
     if misshapen:
         problems.append(f"wrong shape: {'; '.join(misshapen)}")
     if problems:
-        raise ValueError(f"checkpoint does not fit {type(model).__name__}: " + " | ".join(problems))
+        origin = f" {origin!r}" if origin else ""
+        raise ValueError(f"checkpoint{origin} does not fit {type(model).__name__}: " + " | ".join(problems))
     return plan, LoadReport(list(plan), fresh, ignored)
 
 

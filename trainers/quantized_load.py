@@ -88,17 +88,19 @@ def load_quantized_model(name_or_path, bits: int | dict[str, int] | None = None,
         kind = kind or "llama"
         check_llama2c_kind(kind, overrides, "load_quantized_model")
         file_config, tensors = llama2c_tensors(path)
+        origin = path
         config = dataclasses.replace(file_config, **overrides)
         key_map = hf_key_map("llama", file_config)
     else:
         folder, family, kind, config = hf_model_spec(name_or_path, kind, overrides, "load_quantized_model")
-        tensors = lazy_weights(folder)
+        tensors, origin = lazy_weights(folder), folder
         key_map = hf_key_map(family, config)
     with torch.device("meta"), _init_skipped():
         model = MODELS[kind][1](config)                      # every shape, no storage
     if dtype is not None:
         model.to(dtype)
-    plan, report = match_keys(model, {k: t.shape for k, t in tensors.items()}, key_map)
+    plan, report = match_keys(model, {k: t.shape for k, t in tensors.items()}, key_map,
+                              {k: t.where for k, t in tensors.items()}, str(origin))
     _init_fresh_heads(model, report.initialised)
     by_param = {}
     for name, key in plan.items():
