@@ -9,7 +9,7 @@ shards of ~500 MB, model.safetensors.index.json) is written to a temporary folde
 
 Each way of loading it to NF4 runs in a fresh Python process, which reports its RSS just
 before the load (after the imports: the interpreter and torch's own ~260 MB) and its peak
-(ru_maxrss) after.  A row is (peak - before) / checkpoint bytes:
+(VmHWM) after.  A row is (peak - before) / checkpoint bytes:
 
     streamed      trainers.quantized_load.load_quantized_model(folder, bits=4)
     after-load    quantize_model(load_hf_model(folder), bits=4)
@@ -83,21 +83,31 @@ def write_synthetic_llama(folder: Path, config: LlamaConfig, shard_bytes: int = 
     return total
 
 
-def _max_rss() -> int:
-    """Peak RSS of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _status(field: str) -> int | None:
+    """A size field of /proc/self/status ("VmRSS", "VmHWM") in bytes; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss() -> int:
+    """Peak RSS of this process in bytes. On Linux VmHWM, the high-water mark of this process's
+    own memory: ru_maxrss also counts the parent's memory at fork (it survives the exec), so a
+    child forked from a large benchmark process reported the parent's RSS as its peak."""
+    peak = _status("VmHWM")
+    if peak is not None:
+        return peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss          # KiB on Linux, bytes on macOS
     return peak if platform.system() == "Darwin" else peak * 1024
 
 
 def _rss() -> int:
-    """Current RSS in bytes (Linux /proc; elsewhere the peak so far)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return _max_rss()
+    """Current RSS in bytes (Linux; elsewhere the peak so far)."""
+    return _status("VmRSS") or _peak_rss()
 
 
 def measure(mode: str, folder: str) -> dict:
@@ -110,7 +120,7 @@ def measure(mode: str, folder: str) -> dict:
     before, start = _rss(), time.perf_counter()
     model = load_quantized_model(folder, bits=4) if mode == "streamed" else quantize_model(load_hf_model(folder), 4)
     seconds = time.perf_counter() - start
-    return {"mode": mode, "rss_before": before, "peak_rss": _max_rss(), "seconds": seconds,
+    return {"mode": mode, "rss_before": before, "peak_rss": _peak_rss(), "seconds": seconds,
             "model_bytes": memory_report(model).total_bytes}
 
 
