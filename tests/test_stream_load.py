@@ -267,3 +267,12 @@ def test_peak_memory_of_a_350m_parameter_checkpoint():
     streamed, after = m.ratio(m.streamed), m.ratio(m.after_load)
     print(f"streamed {streamed:.3f}x, load-then-quantize {after:.3f}x of {m.checkpoint_bytes / 2**20:.0f} MiB")
     assert streamed <= 0.35 and after > 1.5
+
+
+def test_the_benchmark_checkpoint_writer(tmp_path):
+    """trainers.bench.load writes an HF sharded LLaMA checkpoint both loaders read alike."""
+    from trainers.bench.load import write_synthetic_llama
+    size = write_synthetic_llama(tmp_path / "c", LlamaConfig.tiny(), shard_bytes=20_000)
+    shards = set(json.loads((tmp_path / "c" / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(shards) > 3 and size == sum((tmp_path / "c" / s).stat().st_size for s in shards)
+    assert_same(load_quantized_model(tmp_path / "c"), quantize_model(load_hf_model(tmp_path / "c")))

@@ -4,7 +4,7 @@ A synthetic LLaMA-architecture HF checkpoint (random weights, float32 safetensor
 shards of ~500 MB, model.safetensors.index.json) is written to a temporary folder:
 
     full    dim 1024, 24 layers, 16 heads (8 kv), SwiGLU 2816, vocab 32000, untied lm_head:
-            349M parameters, a 1.40 GB checkpoint
+            349M parameters, a 1.39 GB (1330 MiB) checkpoint
     quick   dim 256, 4 layers, SwiGLU 704, vocab 8000: 7M parameters
 
 Each way of loading it to NF4 runs in a fresh Python process, which reports its RSS just
