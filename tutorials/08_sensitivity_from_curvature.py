@@ -31,7 +31,7 @@ from allocation import choose_precision, hessian_traces, hutchinson_traces, modu
 from allocation.budget import adapter_params, base_bytes
 from lora import add_lora_to_model, count_parameters
 from trainers.notebook import FAST, fast, figure_dir, have_stories, pyplot, save_figure
-from trainers.plots import plot_rank_heatmap
+from trainers.plot_ranks import plot_rank_heatmap
 from trainers.train import TrainConfig, train
 
 torch.manual_seed(0)

@@ -33,7 +33,7 @@ from lora import add_lora_to_model, lora_state_dict
 from quantization import quantize_model
 from trainers.notebook import FAST, figure_dir, pyplot, save_figure
 from trainers.planted import PlantedConfig, PlantedTask, build_planted, spearman
-from trainers.plots import plot_rank_heatmap
+from trainers.plot_ranks import plot_rank_heatmap
 from trainers.train import TrainConfig, train
 
 torch.manual_seed(0)
@@ -188,7 +188,7 @@ print(f"kept: {kept}; ranks unchanged: {controller.ranks() == ranks_before}; fac
 # ## Where did the ranks go?
 #
 # `rank_history` is a list of {step, ranks} snapshots, one per masking event or rank decision.
-# `trainers.plots.plot_rank_heatmap` draws the final ranks as a layer x module grid next to the
+# `trainers.plot_ranks.plot_rank_heatmap` draws the final ranks as a layer x module grid next to the
 # planted ranks, and every layer's rank over the steps. Spearman's ρ compares the *order* of the
 # final ranks with the planted ones (1 = same order).
 
