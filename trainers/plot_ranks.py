@@ -67,14 +67,17 @@ def _grid_panel(ax, label: str, ranks: dict[str, int], vmax: float):
 
 
 def _over_time_panel(ax, rank_history: list[dict], names: list[str], vmax: float):
+    """Row per layer, x in real steps: each snapshot's ranks hold until the next snapshot."""
     steps = [h["step"] for h in rank_history]
-    over_time = [[h["ranks"].get(n, float("nan")) for h in rank_history] for n in names]
-    image = ax.imshow(over_time, cmap="viridis", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
-    every = max(1, math.ceil(len(steps) / 6))
-    ticks = sorted(set(range(0, len(steps), every)) | {len(steps) - 1})
-    ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
-    ax.set_yticks(range(len(names)), [short_name(n) for n in names], fontsize=6 if len(names) > 24 else 7)
-    ax.set_xlabel("step of the rank decision")
+    last = steps[-1] + max(1, (steps[-1] - steps[0]) // max(1, 2 * len(steps)))
+    edges = steps + [last]                                               # (T + 1,) column edges
+    over_time = [[h["ranks"].get(n, float("nan")) for h in rank_history] for n in names]   # (layers, T)
+    image = ax.pcolormesh(edges, range(len(names) + 1), over_time, cmap="viridis", vmin=0, vmax=vmax)
+    ax.set_ylim(len(names), 0)                                           # first layer on top, as in the grid
+    ax.set_yticks([i + 0.5 for i in range(len(names))], [short_name(n) for n in names],
+                  fontsize=6 if len(names) > 24 else 7)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel("step")
     ax.set_title("rank over time", fontsize=9)
     return image
 
