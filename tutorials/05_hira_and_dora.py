@@ -240,10 +240,9 @@ save_figure(fig, "05_hira_dora_lora")
 #   contains LoRA (m set to the new row norms), so it fits the low-rank target too.
 # - On the real task, LoRA, DoRA and HiRA at its larger learning rate end within a few per cent
 #   of each other's held-out loss (checked below when the stories260K data is here), while on
-#   the planted targets above the winner leaves under 10 % of the update and the loser over half;
-#   the ranking depends on
-#   the learning rate and length of training: compare them in the experiment matrix
-#   (`python -m trainers matrix`, configs HiRA, DoRA, B-FP) before choosing.
+#   the planted targets above the winner leaves under 10 % of the update and the loser over
+#   half. The ranking depends on the learning rate and length of training: compare them in the
+#   experiment matrix (`python -m trainers matrix`, configs HiRA, DoRA, B-FP) before choosing.
 # - Cost: HiRA forms the full (out, in) ΔW in every forward; DoRA needs a row norm
 #   of W0 + s B A (computed here from (out, r) and (r, r) products, never forming it).
 #
