@@ -209,7 +209,8 @@ def test_rank_heatmap_names_are_whole_and_panels_do_not_overlap(figures):
     assert [t.get_text() for t in panels[0].get_xticklabels()][-1] == "mlp.down_proj"
     boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]         # tick labels included
     assert not any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
-    assert panels[2].get_images()[0].get_clim()[1] >= 12            # the scale covers the history's ranks
+    assert panels[2].collections[0].get_clim()[1] >= 12             # the scale covers the history's ranks
+    assert panels[2].get_xlim()[0] <= 0 and panels[2].get_xlim()[1] >= 50       # x in real steps (0..50)
 
 
 def test_ablation_tables_do_not_cut_labels():
