@@ -151,6 +151,7 @@ ax1.axhline(0.9, color="grey", linewidth=0.8)
 ax1.set_title("energy(k) = Σ_{i≤k} σ_i² / Σ σ_i²", fontsize=9)
 for ax in (ax0, ax1):
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))   # 1, 2, 4, ... not 2^k
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 save_figure(fig, "02_update_spectrum")
@@ -205,6 +206,8 @@ ax.plot([row["r"] for row in low_rank], [held_out(row) for row in low_rank], "o-
         label="LoRA (q_proj, v_proj); labels: trainable parameters")
 ax.axhline(held_out(full), color="k", linestyle="--", label="full fine-tuning")
 ax.set_xscale("log", base=2)
+ax.set_xticks([row["r"] for row in low_rank], [str(row["r"]) for row in low_rank])
+ax.minorticks_off()
 ax.set_xlabel("rank r")
 ax.set_ylabel("held-out loss" if metric == "perplexity" else f"held-out {metric}")
 ax.set_title(f"rank ablation ({what}, {settings.steps} steps)", fontsize=9)

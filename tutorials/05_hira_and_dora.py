@@ -222,7 +222,7 @@ for i, (method, curve) in enumerate(task_curves.items()):
     smoothed = [sum(curve[max(0, j - smooth + 1):j + 1]) / len(curve[max(0, j - smooth + 1):j + 1])
                 for j in range(len(curve))]
     axes[-1].plot(smoothed, color=f"C{i}", label=method)
-axes[-1].set_title(f"{what}, r = 8 (training loss, running mean)", fontsize=8)
+axes[-1].set_title(f"{what}\nr = 8: training loss (running mean)", fontsize=8)
 axes[-1].set_xlabel("step")
 axes[-1].grid(alpha=0.3)
 axes[-1].legend(fontsize=8)

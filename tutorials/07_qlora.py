@@ -242,15 +242,19 @@ for label, value in (("full fine-tuning", full_7b), ("LoRA (bf16 base)", lora_7b
 # %%
 plt = pyplot()
 fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.2))
-for row, color in zip(rows, ("tab:red", "tab:blue", "tab:green")):
+for i, (row, color) in enumerate(zip(rows, ("tab:red", "tab:blue", "tab:green"))):
     ax0.scatter(row["state_bytes"] / 1024, row[metric], s=60, color=color)
     ax0.annotate(f"{row['label']}\n{row['trainable']:,} trainable", (row["state_bytes"] / 1024, row[metric]),
-                 fontsize=8, xytext=(5, 5), textcoords="offset points")
+                 fontsize=8, xytext=(5, 8 if i % 2 == 0 else -26), textcoords="offset points")  # alternate: no overlap
     ax1.plot(row["curve"], color=color, label=row["label"])
 ax0.axhline(quality["base (float32)"], color="gray", linestyle="--", label="base, float32 (no training)")
 ax0.axhline(quality["base (NF4)"], color="gray", linestyle=":", label="base, NF4 (no training)")
 ax0.set_xlim(0, 1.4 * max(row["state_bytes"] for row in rows) / 1024)
 ax0.set_yscale("log")                                   # the trained runs sit far below the bases
+ax0.set_ylim(min(row[metric] for row in rows) / 1.3, 1.2 * max(quality.values()))   # room for the labels
+plain = plt.FuncFormatter(lambda v, _: f"{v:g}")       # 30, 40, 60, 100 rather than 3 x 10^1
+ax0.yaxis.set_major_formatter(plain)
+ax0.yaxis.set_minor_formatter(plain)
 ax0.set_xlabel("training state: weights + grads + AdamW moments (KiB)")
 ax0.set_ylabel(f"held-out {metric}")
 ax0.set_title("memory vs quality")
