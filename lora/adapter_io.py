@@ -25,9 +25,10 @@ changes the model, so a failed load leaves the model as it was.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
-import tempfile
+import secrets
 from collections import Counter
 from pathlib import Path
 
@@ -190,16 +191,44 @@ def resolve_config(model: nn.Module, config: LoraConfig | None = None) -> tuple[
 
 
 def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """write(tmp_path), then rename over `path`: readers see the old file or the new one.
+
+    The temporary `.NAME.PID.RANDOM.tmp` sits beside `path` (a rename is atomic only within one
+    file system). It is created with mode 0o666, so the kernel applies the user's umask and the
+    file gets the same permissions as any other the user writes (mkstemp's private 0o600 would
+    hide results from colleagues on a shared machine). A writer killed before its rename leaves
+    its temporary behind; the next write of the same file removes those whose process is gone.
+    Every reader of a results folder ignores names that start with '.'."""
+    path = Path(path)
+    _remove_stale_temps(path)
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:                   # another writer drew the same name: draw again
+            continue
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete `.NAME.PID.*.tmp` siblings of `path` left by writers that no longer run (on this
+    machine); a live writer's temporary, or one we cannot attribute, is left alone."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2:].split(".")          # [pid, random, "tmp"]
+        if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) == os.getpid():
+            continue
+        try:
+            os.kill(int(parts[0]), 0)             # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:                           # it exists but belongs to another user
+            pass
 
 
 def save_adapter(model: nn.Module, path, config: LoraConfig | None = None, *,
