@@ -209,7 +209,10 @@ def _atomic_write(path: Path, write) -> None:
         except FileExistsError:                   # another writer drew the same name: draw again
             continue
     try:
+        wanted = tmp.stat().st_mode & 0o777
         write(tmp)
+        if tmp.stat().st_mode & 0o777 != wanted:  # a writer that makes its own file (safetensors: 0o600)
+            tmp.chmod(wanted)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
