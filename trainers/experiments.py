@@ -547,7 +547,13 @@ def run_matrix(tasks: list[str], configs: list[str], train_cfg: TrainConfig, res
                 check_run_dir(out_dir, resume=True)
                 todo[out_dir] = "resume"
             else:
-                check_run_dir(out_dir, overwrite)
+                try:
+                    check_run_dir(out_dir, overwrite)
+                except FileExistsError as err:
+                    if run_state(out_dir) == "resumable":     # the message names resume already
+                        raise
+                    raise FileExistsError(f"{err}, or resume=True (--resume) to keep the matrix's finished runs "
+                                          f"and continue the others") from None
                 todo[out_dir] = "run"
     rows, failed = [], []
     for task_name in tasks:
