@@ -320,3 +320,17 @@ def test_resume_after_a_real_kill(capsys, tmp_path, shared_data):
     assert cli.main([*TINY_RUN, *results, "--resume"]) == 0
     assert cli.main([*TINY_RUN, "--results", str(tmp_path / "full")]) == 0
     assert losses(run_dir) == losses(tmp_path / "full" / "sst2__B-FP")
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--repeats", "0"], "--repeats"), (["--threads", "-1"], "--threads"), (["--device", "tpu"], "tpu"),
+    (["--only", "nope"], "unknown section"), (["--json", "{tmp}"], "is a folder"),
+    (["--json", "{tmp}/file/bench.json"], "not a directory"),
+])
+def test_bench_flags_are_checked_before_timing(capsys, tmp_path, flags, named):
+    from trainers.bench.__main__ import main as bench
+    (tmp_path / "file").write_text("x")
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    code = bench([*flags, "--json", str(tmp_path / "out" / "bench.json")] if "--json" not in flags else flags)
+    assert code == 2 and named in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()

@@ -31,6 +31,7 @@ import math
 import numbers
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -180,13 +181,13 @@ def run_folder(path: Path, *, overwrite: bool = False, resume: bool = False) -> 
     created = [p for p in (path, *path.parents) if not p.exists()]      # deepest first
     path.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in path.iterdir()}
-    aside = path / f"{REPLACED}{os.getpid()}"
+    aside = None
     moved: list[str] = []
     try:
         if overwrite:
             moved = [name for name in RUN_FILES if (path / name).exists()]
             if moved:
-                aside.mkdir()
+                aside = Path(tempfile.mkdtemp(prefix=REPLACED, dir=path))
                 for name in moved:
                     os.replace(path / name, aside / name)
         yield path
