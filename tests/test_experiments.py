@@ -347,7 +347,8 @@ def test_a_failed_overwrite_puts_the_old_run_back(tmp_path):
         run_experiment(CONFIGS["Full-FT"], tiny_lm(), task, cfg, tmp_path / "a", failing_evaluate, overwrite=True)
     assert snapshot(tmp_path / "a") == before                # same files, same bytes, nothing hidden left
     run(tmp_path, "a", "Full-FT", steps=2, overwrite=True)
-    assert (tmp_path / "a" / "model.safetensors").exists() and not (tmp_path / "a" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "a" / "model.safetensors").exists()
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
     assert [p.name for p in (tmp_path / "a").iterdir() if p.name.startswith(".")] == []   # the replaced run is gone
 
 

@@ -561,7 +561,8 @@ def run_matrix(tasks: list[str], configs: list[str], train_cfg: TrainConfig, res
         for config in configs:
             out_dir = root / f"{task_name}__{config}"
             if todo[out_dir] == "keep":
-                run_config, run_metrics = (json.loads((out_dir / f).read_text()) for f in ("config.json", "metrics.json"))
+                run_config, run_metrics = (json.loads((out_dir / name).read_text())
+                                           for name in ("config.json", "metrics.json"))
                 rows.append(summary_row(out_dir.name, run_config, run_metrics))
                 continue
             try:

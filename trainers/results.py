@@ -95,6 +95,7 @@ def write_loss_log(path: Path, loss_log: list[dict]) -> None:
 
 
 # What a run writes into its folder; `overwrite` replaces exactly these (and nothing else).
+# (error.txt: what earlier versions wrote into a failed matrix run's folder.)
 RUN_FILES = ("config.json", "metrics.json", "loss_log.csv", "eval_log.json", "rank_history.json",
              "checkpoint.pt", "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
              "error.txt")
@@ -216,7 +217,8 @@ def adding_to(folder: Path) -> Iterator[Path]:
 
 
 def _undo(path: Path, kept: set[str], aside: Path | None, moved: list[str], created: list[Path]) -> None:
-    """Put the folder back as run_folder found it."""
+    """Put `path` back as it was: remove what is not in `kept`, move `moved` back from `aside`,
+    and remove the folders in `created` (deepest first) that are empty again."""
     for entry in path.iterdir():
         if entry.name in kept or entry == aside:
             continue
