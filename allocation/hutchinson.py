@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from allocation.budget import cost_per_rank, fixed_params, ranks_from_scores
-from lora.base import module_device
+from lora.base import in_out_features, module_device
 
 
 @dataclass
@@ -128,7 +128,8 @@ def hessian_traces(model: nn.Module, batches: Sequence, module_names: Iterable[s
 
     The base weights are frozen during fine-tuning, so requires_grad is switched on
     for the probed weights (and off for every other parameter) while probing and
-    restored afterwards; the model runs in eval mode (no dropout) and is put back.
+    restored afterwards; the model runs in eval mode (no dropout) and every module's own
+    mode is put back as it was.
     """
     batches = list(batches)
     if not batches:
@@ -142,7 +143,7 @@ def hessian_traces(model: nn.Module, batches: Sequence, module_names: Iterable[s
         raise ValueError(f"hessian_traces: no modules named {missing} in the model")
     weights = {n: probed_weight(modules[n], n) for n in names}
     saved = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each module's own mode, not just the root's
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -157,7 +158,8 @@ def hessian_traces(model: nn.Module, batches: Sequence, module_names: Iterable[s
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
-        model.train(was_training)
+        for m, mode in modes.items():  # model.train(flag) would overwrite submodules' own modes
+            m.training = mode
 
 
 def sensitivity_ranks(traces: Mapping[str, TraceEstimate | float], shapes: Mapping[str, tuple[int, int]],
@@ -181,9 +183,9 @@ def sensitivity_ranks(traces: Mapping[str, TraceEstimate | float], shapes: Mappi
 
 
 def module_shapes(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:
-    """name -> (in_features, out_features) of Linear-like modules (or an adapter's base)."""
+    """name -> (in_features, out_features) of Linear-like modules (a Conv1D's nx, nf), or adapters."""
     modules = dict(model.named_modules())
-    return {n: (int(modules[n].in_features), int(modules[n].out_features)) for n in names}
+    return {n: in_out_features(modules[n]) for n in names}
 
 
 def adapter_budget_params(shapes: Mapping[str, tuple[int, int]], rank: int, method: str = "lora") -> int:

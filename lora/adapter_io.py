@@ -20,6 +20,13 @@ factors are stored masked; PEFT ignores the masks); HiRA and AdaLoRA's SVD
 form get "NANOPEFT_HIRA" / "NANOPEFT_ADALORA", so PEFT refuses them instead of
 silently loading a different function.
 
+`fan_in_fan_out` says, as in PEFT, that the adapted layers store their weight (in, out)
+(transformers' `Conv1D`, Hugging Face GPT-2): it is written true when they do. The
+factors do not depend on it (`lora_A` is (r, in) and `lora_B` (out, r) in either
+layout, in PEFT too), so a file loads whatever its flag says, and one from HF GPT-2
+(Conv1D) loads into our GPT-2 (nn.Linear, same names) and back. PEFT does the same:
+it resets the flag per layer from the layer's type, with a warning.
+
 Loading checks everything (config, file integrity, every key and shape) before it
 changes the model, so a failed load leaves the model as it was.
 """
@@ -37,7 +44,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lora.base import AdapterLayer
+from lora.base import AdapterLayer, weight_layout
 from lora.model import (ADAPTER_CLASSES, METHODS, LoraConfig, adapter_layers, build_adapters, find_modules_to_save,
                         install_adapters, modules_outside_adapters, name_matches, pattern_value)
 
@@ -53,7 +60,7 @@ PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "sparse": "LORA",
               "hira": "NANOPEFT_HIRA", "adalora": "NANOPEFT_ADALORA"}
 INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
 # PEFT options this loader does not implement: a file using them is refused, not half-understood.
-UNSUPPORTED = {"fan_in_fan_out": False, "layers_to_transform": None, "layers_pattern": None,
+UNSUPPORTED = {"layers_to_transform": None, "layers_pattern": None,
                "lora_bias": False, "use_qalora": False, "exclude_modules": None,
                "layer_replication": None, "target_parameters": None, "trainable_token_indices": None}
 
@@ -180,7 +187,7 @@ def resolve_config(model: nn.Module, config: LoraConfig | None = None) -> tuple[
         "init_lora_weights": INIT_TO_PEFT[config.init],
         "bias": config.bias,
         "modules_to_save": list(config.modules_to_save) or None,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(weight_layout(layer.base_layer) == "in_out" for _, layer in layers),
         "inference_mode": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -280,6 +287,9 @@ def read_config(path) -> LoraConfig:
     if peft_type != PEFT_TYPES[method]:
         raise ValueError(f"load_adapter: {file}: peft_type {peft_type!r} with method {method!r}; "
                          f"expected {PEFT_TYPES[method]!r} (only LoRA-family adapters are supported)")
+    if not isinstance(meta.get("fan_in_fan_out", False), bool):
+        raise ValueError(f"load_adapter: {file}: fan_in_fan_out must be true or false, "
+                         f"got {meta['fan_in_fan_out']!r}")
     for key, neutral in UNSUPPORTED.items():
         if meta.get(key, neutral) not in (neutral, [], {}, ""):
             raise ValueError(f"load_adapter: {file}: PEFT option {key}={meta[key]!r} is not supported")

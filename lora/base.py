@@ -4,9 +4,17 @@ An adapter wraps a frozen base layer and adds a trainable correction
 
     y = base_layer(x) + delta(x)
 
-The base may be an `nn.Linear` or a quantized Linear-like layer (anything with
-`in_features`, `out_features` and `dequantize()`); the adapter only calls
-`base_layer(x)` and, when it needs W0, `base_weight(base_layer)`.
+The base may be an `nn.Linear`, a quantized Linear-like layer (anything with
+`in_features`, `out_features` and `dequantize()`) or a transformers `Conv1D` (Hugging
+Face GPT-2's projections: y = x W + b with W stored (in, out)); the adapter only
+calls `base_layer(x)` and, when it needs W0, `base_weight(base_layer)`.
+
+Weight layout, in one place: every adapter works with W0 as (out, in), whatever the
+base stores. `weight_layout(base)` tells "out_in" (nn.Linear, dequantize()) from
+"in_out" (Conv1D, PEFT's `fan_in_fan_out=True`), and `base_weight` returns, for the
+latter, the transposed VIEW `weight.t()`: no copy, and an in-place write into it
+(merge, unmerge, PiSSA's residual) lands in the base's own (in, out) storage. The
+factors keep their shapes, `lora_A` (r, in) and `lora_B` (out, r), as in PEFT.
 
 Dtypes: the adapter's parameters have their own dtype (by default the base
 weight's). The delta is computed in that dtype and the sum is returned in the
@@ -36,9 +44,19 @@ QUANTIZED_MERGE_ERROR = (
     "to build a new quantized layer from the merged weight")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """A transformers-style `Conv1D` (GPT-2): int `nx` (in) and `nf` (out) and a weight (nx, nf).
+
+    Duck typing, so lora never imports transformers (quantization.layers has the same rule)."""
+    nx, nf, weight = getattr(module, "nx", None), getattr(module, "nf", None), getattr(module, "weight", None)
+    return (not isinstance(module, nn.Linear) and isinstance(nx, int) and isinstance(nf, int)
+            and isinstance(weight, Tensor) and tuple(weight.shape) == (nx, nf))
+
+
 def is_linear_like(module: nn.Module) -> bool:
-    """An `nn.Linear`, or a quantized stand-in (in_features, out_features, dequantize())."""
-    if isinstance(module, nn.Linear):
+    """An `nn.Linear`, a Conv1D (see `is_conv1d`), or a quantized stand-in
+    (in_features, out_features, dequantize())."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
     return (hasattr(module, "in_features") and hasattr(module, "out_features")
             and callable(getattr(module, "dequantize", None)))
@@ -48,15 +66,28 @@ def is_quantized(module: nn.Module) -> bool:
     return not isinstance(module, nn.Linear) and callable(getattr(module, "dequantize", None))
 
 
+def weight_layout(base: nn.Module) -> str:
+    """"in_out" for a Conv1D (weight stored (in, out), PEFT's fan_in_fan_out), else "out_in"."""
+    return "in_out" if is_conv1d(base) else "out_in"
+
+
+def in_out_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear-like base (a Conv1D's nx, nf)."""
+    if is_conv1d(base):
+        return int(base.nx), int(base.nf)
+    return int(base.in_features), int(base.out_features)
+
+
 def base_weight(base: nn.Module) -> Tensor:
-    """The (out, in) weight of a base layer: `base.dequantize()` for quantized layers, else `base.weight`."""
-    if callable(getattr(base, "dequantize", None)) and not isinstance(base, nn.Linear):
+    """The (out, in) weight of a base layer: `base.dequantize()` for quantized layers, a
+    Conv1D's `weight.t()` (a view of its (in, out) storage, no copy), else `base.weight`."""
+    if is_quantized(base):
         return base.dequantize()
     weight = getattr(base, "weight", None)
     if not isinstance(weight, Tensor):
-        raise TypeError(f"base_weight: expected an nn.Linear or a layer with dequantize(), "
+        raise TypeError(f"base_weight: expected an nn.Linear, a Conv1D or a layer with dequantize(), "
                         f"got {type(base).__name__} without a weight tensor")
-    return weight
+    return weight.t() if weight_layout(base) == "in_out" else weight
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -145,21 +176,21 @@ class AdapterLayer(nn.Module):
     """Common base of the adapter layers: a frozen `base_layer` plus a trainable correction.
 
     Subclasses define `get_delta_weight()` (out, in) and `forward`. `merge()` adds
-    the delta into an `nn.Linear` base in place, remembering the original weight
-    so `unmerge()` restores it bit-for-bit; merging is always an explicit call.
+    the delta into a float base (nn.Linear, or a Conv1D through its transposed view)
+    in place, remembering the original weight so `unmerge()` restores it bit-for-bit;
+    merging is always an explicit call.
     """
 
     def __init__(self, base_layer: nn.Module, *, dtype: torch.dtype | None = None):
         super().__init__()
         if not isinstance(base_layer, nn.Module) or not is_linear_like(base_layer):
-            raise TypeError(f"{type(self).__name__}: base_layer must be an nn.Linear or a Linear-like "
-                            f"quantized layer (in_features, out_features, dequantize()), "
-                            f"got {type(base_layer).__name__}")
+            raise TypeError(f"{type(self).__name__}: base_layer must be an nn.Linear, a Conv1D (nx, nf, "
+                            f"weight (nx, nf)) or a Linear-like quantized layer (in_features, out_features, "
+                            f"dequantize()), got {type(base_layer).__name__}")
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.in_features = int(base_layer.in_features)
-        self.out_features = int(base_layer.out_features)
+        self.in_features, self.out_features = in_out_features(base_layer)
         self.merged = False
         self._original_weight: Tensor | None = None  # set while merged
         self._factory = self._factory_kwargs(base_layer, dtype)
@@ -171,7 +202,7 @@ class AdapterLayer(nn.Module):
         device = tensors[0].device if tensors else None
         if dtype is None:
             weight = getattr(base, "weight", None)
-            if isinstance(base, nn.Linear) and weight.is_floating_point():
+            if not is_quantized(base) and isinstance(weight, Tensor) and weight.is_floating_point():
                 dtype = weight.dtype
             else:
                 dtype = getattr(base, "compute_dtype", None) or torch.float32
@@ -186,7 +217,7 @@ class AdapterLayer(nn.Module):
         return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
 
     def _check_mergeable(self) -> None:
-        if is_quantized(self.base_layer) or not isinstance(self.base_layer, nn.Linear):
+        if is_quantized(self.base_layer):
             raise RuntimeError(QUANTIZED_MERGE_ERROR.format(kind=type(self.base_layer).__name__))
 
     def frozen_weight(self) -> Tensor:
@@ -206,7 +237,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return
         self._check_mergeable()
-        weight = self.base_layer.weight
+        weight = base_weight(self.base_layer)  # (out, in); a Conv1D's transposed view, written through
         new_weight = self.merged_weight()
         self._original_weight = weight.detach().clone()
         weight.copy_(new_weight)
@@ -217,7 +248,7 @@ class AdapterLayer(nn.Module):
         """Restore the base weight saved by `merge()` (bit-exact)."""
         if not self.merged:
             return
-        self.base_layer.weight.copy_(self._original_weight)
+        base_weight(self.base_layer).copy_(self._original_weight)
         self._original_weight = None
         self.merged = False
 

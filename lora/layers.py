@@ -5,9 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from lora.base import LowRankAdapter, check_rank
+from lora.base import LowRankAdapter, base_weight, check_rank, is_quantized
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
 
@@ -15,7 +14,8 @@ LORA_INITS = ("kaiming", "gaussian", "pissa")
 class LoRALinear(LowRankAdapter):
     """y = W0 x + b + s * B A dropout(x)
 
-    W0 (out, in), b (out,)  frozen base layer (nn.Linear, or an 8/4-bit Linear-like layer)
+    W0 (out, in), b (out,)  frozen base layer (nn.Linear, a Conv1D seen through its transposed
+                            weight, or an 8/4-bit Linear-like layer; see lora.base)
     A  (r, in)              `lora_A`, kaiming-uniform(a=sqrt 5)   (init="kaiming", default)
                             or N(0, (1/r)^2) as PEFT              (init="gaussian")
     B  (out, r)             `lora_B`, zeros, so the layer starts as the base layer
@@ -24,7 +24,7 @@ class LoRALinear(LowRankAdapter):
     init="pissa" (PiSSA, Meng et al. 2024, arXiv:2404.02948): with W0 = U S V^T,
     s B A = U_r S_r V_r^T (the top-r singular directions, B = U_r sqrt(S_r/s),
     A = sqrt(S_r/s) V_r^T) and the residual W0 - s B A is written into the base,
-    so the output is unchanged at init. Needs an nn.Linear base.
+    so the output is unchanged at init. Needs a float base (nn.Linear or Conv1D).
 
     Built around a base layer, `LoRALinear(nn.Linear(768, 768), rank=8)`, or from
     scratch, `LoRALinear(768, 768, rank=8, alpha=16, pretrained_weight=W, bias=b)`.
@@ -49,9 +49,9 @@ class LoRALinear(LowRankAdapter):
         if init not in LORA_INITS:
             raise ValueError(f"{name}: init must be one of {LORA_INITS}, got {init!r}")
         check_rank(rank, name)
-        if init == "pissa" and not isinstance(base_layer, nn.Linear):
+        if init == "pissa" and is_quantized(base_layer):
             raise TypeError(f"{name}: init='pissa' rewrites the base weight, so it needs an nn.Linear "
-                            f"base, got {type(base_layer).__name__}")
+                            f"base or a Conv1D (a float weight), got {type(base_layer).__name__}")
         super().__init__(base_layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                          dtype=dtype)
         self.init = init
@@ -65,7 +65,7 @@ class LoRALinear(LowRankAdapter):
 
     @torch.no_grad()
     def _pissa_init(self) -> None:
-        W = self.base_layer.weight                                          # (out, in)
+        W = base_weight(self.base_layer)                                    # (out, in), a view for Conv1D
         r = self.rank
         if r > min(W.shape):
             raise ValueError(f"LoRALinear: init='pissa' needs rank <= min(out, in) = {min(W.shape)}, got {r}")
@@ -122,6 +122,12 @@ class _FusedLoRA(torch.autograd.Function):
     backward rather than saved, so activation memory is as for the thin path.
     (This path calls F.linear with the base's tensors, so hooks on base_layer do not fire.)
     Gradients: dA = s (g B)^T x, dB = s g^T (x A^T), dx = g (W + s B A); W, b frozen.
+
+    Twice differentiable: under `create_graph=True` (Hessian-vector products, e.g.
+    allocation.hessian_traces probing a layer upstream of this one) backward computes
+    the same formulas with recorded ops from the saved inputs, so a second backward
+    sees every term. (A once-differentiable backward silently dropped them: a probed
+    trace of 0.087 came out as -0.53.)
     """
 
     @staticmethod
@@ -131,25 +137,28 @@ class _FusedLoRA(torch.autograd.Function):
         # Each is computed next to the big matmul that reads the same operand, while it is in cache.
         xa_t = A.mm(x2.t())                                                 # (r, N) = (x A^T)^T
         y = F.linear(x, torch.addmm(W, B, A, alpha=s), b)                   # (..., out), W + s B A
-        ctx.save_for_backward(x2, W if ctx.needs_input_grad[0] else None, A, B, xa_t)
-        ctx.s, ctx.x_shape = s, x.shape
+        # x itself (not the view x2) is saved, so under create_graph it carries its history.
+        ctx.save_for_backward(x, W if ctx.needs_input_grad[0] else None, A, B, xa_t)
+        ctx.s = s
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
-        x2, W, A, B, xa_t = ctx.saved_tensors
+        x, W, A, B, xa_t = ctx.saved_tensors
         s = ctx.s
+        x2 = x.reshape(-1, x.shape[-1])                                     # (N, in)
         g2 = g.reshape(-1, g.shape[-1])                                     # (N, out)
+        if torch.is_grad_enabled():   # create_graph: differentiable ops, xa_t recomputed with history
+            xa_t = A.mm(x2.t())
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[4]:
-            grad_B = xa_t.mm(g2).mul_(s).t().contiguous()                   # (out, r)
+            grad_B = (xa_t.mm(g2) * s).t().contiguous()                     # (out, r)
         if ctx.needs_input_grad[3]:
             gb_t = B.t().mm(g2.t())                                         # (r, N) = (g B)^T
         if ctx.needs_input_grad[0]:
-            grad_x = g2.mm(torch.addmm(W, B, A, alpha=s)).view(ctx.x_shape)  # (..., in)
+            grad_x = g2.mm(torch.addmm(W, B, A, alpha=s)).view(x.shape)     # (..., in)
         if ctx.needs_input_grad[3]:
-            grad_A = gb_t.mm(x2).mul_(s)                                    # (r, in)
+            grad_A = gb_t.mm(x2) * s                                        # (r, in)
         return grad_x, None, None, grad_A, grad_B, None
 
 

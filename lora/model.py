@@ -15,8 +15,11 @@ matching follow Hugging Face PEFT, so a `LoraConfig` here means what it means th
   a dot boundary (`re.match(rf"(.*\\.)?({key})$", name)`); the first key (in dict
   order) that matches wins, else `r` / `lora_alpha`.
 
-Linear-like = `nn.Linear`, or a quantized stand-in with `in_features`,
-`out_features` and `dequantize()` (lora never imports quantization: duck typing).
+Linear-like = `nn.Linear`, a transformers `Conv1D` (Hugging Face GPT-2's `c_attn`,
+`c_proj`, `c_fc`, weight stored (in, out); every adapter reads it through
+`lora.base.base_weight`, so none needs to know), or a quantized stand-in with
+`in_features`, `out_features` and `dequantize()` (lora imports neither transformers
+nor quantization: duck typing).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 
-from lora.base import AdapterLayer, base_weight, check_rank, is_linear_like
+from lora.base import AdapterLayer, base_weight, check_rank, is_linear_like, weight_layout
 from lora.dora import DoRALinear
 from lora.hira import HiRALinear
 from lora.layers import LoRALinear
@@ -218,7 +221,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                              f"({type(module).__name__}); use load_adapter or a fresh model")
         if not is_linear_like(module):
             raise TypeError(f"add_lora_to_model: target {name!r} is a {type(module).__name__}, not a "
-                            f"Linear-like layer (nn.Linear, or in_features/out_features/dequantize()). "
+                            f"Linear-like layer (nn.Linear, Conv1D, or in_features/out_features/dequantize()). "
                             f"{_candidates_message(modules)}")
     return chosen
 
@@ -373,15 +376,23 @@ def lora_state_dict(model: nn.Module, modules_to_save: Sequence[str] = ()) -> di
 
 # --- merging ---------------------------------------------------------------------------------
 @torch.no_grad()
-def merged_linear(layer: AdapterLayer) -> nn.Linear:
-    """A plain nn.Linear computing what `layer` computes: W0 (dequantized) + delta W, summed in
+def merged_linear(layer: AdapterLayer) -> nn.Module:
+    """A plain layer computing what `layer` computes: W0 (dequantized) + delta W, summed in
     float32 and stored in the dtype of the weight the base stands for: an nn.Linear's own, a
     quantized layer's `weight_dtype` (its weight before quantization) or else float32, so
-    the model's activations meet the dtype they met before quantizing."""
+    the model's activations meet the dtype they met before quantizing.
+
+    An nn.Linear, except for a Conv1D base: then a copy of that Conv1D holding the merged
+    weight in its own (in, out) layout, so the model's state dict keeps its checkpoint's
+    shapes (a merged Hugging Face GPT-2 still saves and loads as one)."""
     base = layer.base_layer
     W = base_weight(base).float()                                     # (out, in)
     if not layer.merged:
         W = W + layer.get_delta_weight().float()
+    if weight_layout(base) == "in_out":
+        merged = copy.deepcopy(base)
+        base_weight(merged).copy_(W)                                  # through the (out, in) view
+        return merged.requires_grad_(False)
     if isinstance(base, nn.Linear):
         dtype = base.weight.dtype
     else:
@@ -398,8 +409,8 @@ def merged_linear(layer: AdapterLayer) -> nn.Linear:
 
 def merge_lora_weights(model: nn.Module) -> nn.Module:
     """Replace every adapter by a plain nn.Linear holding W0 + delta W (works for quantized
-    bases: W0 is dequantized). The result holds no adapter; it is returned (the same object
-    unless `model` itself is an adapter)."""
+    bases: W0 is dequantized; a Conv1D base stays a Conv1D, see `merged_linear`). The result
+    holds no adapter; it is returned (the same object unless `model` itself is an adapter)."""
     for name, layer in adapter_layers(model):
         if not name:
             return merged_linear(layer)
@@ -408,7 +419,7 @@ def merge_lora_weights(model: nn.Module) -> nn.Module:
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
-    """Call `merge()` on every adapter (in place into nn.Linear bases; quantized bases refuse)."""
+    """Call `merge()` on every adapter (in place into float bases, nn.Linear or Conv1D; quantized bases refuse)."""
     for _, layer in adapter_layers(model):
         layer.merge()
     return model

@@ -16,7 +16,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
-from .layers import Linear4bit, Linear8bit
+from .layers import Linear4bit, Linear8bit, in_out_features
 from .model import replace_module
 
 METADATA_KEY = "nanopeft.quantization"
@@ -76,9 +76,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     for name, spec in json.loads(meta[METADATA_KEY]).items():
-        old = model.get_submodule(name)
-        if (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
-            raise ValueError(f"load_quantized: {name} is {old.in_features}->{old.out_features} in the model, "
+        n_in, n_out = in_out_features(model.get_submodule(name))     # a float Linear or Conv1D, or quantized
+        if (n_in, n_out) != (spec["in_features"], spec["out_features"]):
+            raise ValueError(f"load_quantized: {name} is {n_in}->{n_out} in the model, "
                              f"{spec['in_features']}->{spec['out_features']} in {path}")
         replace_module(model, name, empty_layer(spec).to(device))
     missing, unexpected = load_model(model, str(path), strict=True, device=str(device))

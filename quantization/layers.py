@@ -1,5 +1,9 @@
 """Frozen quantized drop-ins for nn.Linear: Linear4bit (NF4) and Linear8bit (int8).
 
+`from_linear` also takes a transformers `Conv1D` (Hugging Face GPT-2's projections,
+y = x W + b with W stored (in, out)): the quantized layer stores Wᵀ (out, in) like any
+other, so it is an ordinary Linear-like layer to everything above (QLoRA included).
+
 Both compute  y = x Ŵᵀ + b  where Ŵ = dequant(stored weight) is rebuilt on the fly in
 the compute dtype.  The weight is frozen: no gradient for it, but x gets one,
 
@@ -19,6 +23,32 @@ import torch.nn.functional as F
 
 from .int8 import Int8Tensor, dequantize_int8, quantize_int8
 from .nf4 import DQ_BLOCKSIZE, NF4Tensor, check_blocksize, dequantize_nf4, quantize_nf4
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A transformers-style `Conv1D`: int `nx` (in) and `nf` (out) and a weight (nx, nf).
+    (The same duck-typed rule as lora.base.is_conv1d: the two packages import neither each other
+    nor transformers.)"""
+    nx, nf, weight = getattr(module, "nx", None), getattr(module, "nf", None), getattr(module, "weight", None)
+    return (not isinstance(module, nn.Linear) and isinstance(nx, int) and isinstance(nf, int)
+            and isinstance(weight, torch.Tensor) and tuple(weight.shape) == (nx, nf))
+
+
+def in_out_features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear-like layer, or a Conv1D's (nx, nf)."""
+    if is_conv1d(layer):
+        return int(layer.nx), int(layer.nf)
+    return int(layer.in_features), int(layer.out_features)
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) float weight of an nn.Linear, or of a Conv1D (its (in, out) weight transposed:
+    a contiguous copy, which is fine here since the float weight is discarded once quantized)."""
+    if is_conv1d(layer):
+        return layer.weight.detach().t().contiguous()
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"expected an nn.Linear or a Conv1D (nx, nf, weight (nx, nf)), got {type(layer).__name__}")
+    return layer.weight.detach()
 
 
 class DequantLinearFunction(torch.autograd.Function):
@@ -120,13 +150,14 @@ class Linear4bit(_FrozenQuantLinear):
             self._float_constants = ("absmax",)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, compute_dtype: torch.dtype | None = None,
+    def from_linear(cls, linear: nn.Module, *, compute_dtype: torch.dtype | None = None,
                     blocksize: int = 64, double_quant: bool = True) -> "Linear4bit":
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+        """Quantize an nn.Linear, or a Conv1D (its weight transposed to (out, in))."""
+        w = linear_weight(linear)                                   # (out, in)
+        layer = cls(w.shape[1], w.shape[0], linear.bias is not None,
                     compute_dtype=compute_dtype, blocksize=blocksize, double_quant=double_quant,
                     weight_dtype=w.dtype)
-        layer.load_nf4(quantize_nf4(w.detach(), blocksize, double_quant))
+        layer.load_nf4(quantize_nf4(w, blocksize, double_quant))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
@@ -194,12 +225,13 @@ class Linear8bit(_FrozenQuantLinear):
             self.outlier_cols = self.outlier_weight = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, compute_dtype: torch.dtype | None = None,
+    def from_linear(cls, linear: nn.Module, *, compute_dtype: torch.dtype | None = None,
                     blocksize: int | None = None, outlier_threshold: float | None = None) -> "Linear8bit":
-        w = linear.weight
-        q = quantize_int8(w.detach(), blocksize, outlier_threshold)
+        """Quantize an nn.Linear, or a Conv1D (its weight transposed to (out, in))."""
+        w = linear_weight(linear)                                   # (out, in)
+        q = quantize_int8(w, blocksize, outlier_threshold)
         k = 0 if q.outlier_cols is None else q.outlier_cols.numel()
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+        layer = cls(w.shape[1], w.shape[0], linear.bias is not None,
                     compute_dtype=compute_dtype, blocksize=blocksize, n_outlier_cols=k, weight_dtype=w.dtype)
         layer.weight_int8, layer.weight_scale = q.data.contiguous(), q.scale.contiguous()
         if k:

@@ -1,9 +1,11 @@
 """Model surgery for quantization: quantize_model, memory_report, requantize_merged.
 
-quantize_model swaps nn.Linear layers for Linear4bit / Linear8bit in place (recursive
-replace by dotted name + setattr on the parent).  Patterns match a module's full dotted
-name exactly, as a dotted suffix ("c_attn" matches "transformer.h.0.attn.c_attn"), or as
-a full-match regular expression — the same rules as PEFT's target_modules.
+quantize_model swaps nn.Linear layers, and transformers' `Conv1D` layers (Hugging Face
+GPT-2's c_attn, c_proj, c_fc, weight stored (in, out)), for Linear4bit / Linear8bit in
+place (recursive replace by dotted name + setattr on the parent).  Patterns match a
+module's full dotted name exactly, as a dotted suffix ("c_attn" matches
+"transformer.h.0.attn.c_attn"), or as a full-match regular expression — the same rules
+as PEFT's target_modules.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .layers import Linear4bit, Linear8bit, _FrozenQuantLinear
+from .layers import Linear4bit, Linear8bit, _FrozenQuantLinear, is_conv1d, linear_weight
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -32,8 +34,9 @@ def _check_bits(bits, where: str) -> None:
         raise ValueError(f"{where}: bits must be 4 or 8, got {bits!r}")
 
 
-def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every plain nn.Linear and every Conv1D (a quantized layer stores either as (out, in))."""
+    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear or is_conv1d(m)]
 
 
 def _tied_weight_ids(model: nn.Module) -> set[int]:
@@ -53,25 +56,26 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def plan_quantization(model: nn.Module, bits: int | dict[str, int] = 4,
                       skip: list[str] | tuple[str, ...] = ()) -> dict[str, int]:
-    """Which nn.Linear gets which bit width: {dotted name: 4 or 8}. Validates everything."""
+    """Which nn.Linear / Conv1D gets which bit width: {dotted name: 4 or 8}. Validates everything."""
     linears = _linear_layers(model)
     names = [n for n, _ in linears]
     if not linears:
-        raise ValueError(f"quantize_model: {type(model).__name__} has no nn.Linear layers to quantize")
+        raise ValueError(f"quantize_model: {type(model).__name__} has no nn.Linear (or Conv1D) layers to quantize")
     if names[0] == "":
-        raise ValueError("quantize_model: the model itself is an nn.Linear and cannot be replaced in place; "
-                         "use Linear4bit.from_linear(...) or Linear8bit.from_linear(...)")
+        raise ValueError(f"quantize_model: the model itself is one layer ({type(model).__name__}) and cannot be "
+                         "replaced in place; use Linear4bit.from_linear(...) or Linear8bit.from_linear(...)")
     if isinstance(bits, dict):
         for pattern, b in bits.items():
             _check_bits(b, f"quantize_model bits[{pattern!r}]")
             if not any(name_matches(n, pattern) for n in names):
-                raise ValueError(f"quantize_model: pattern {pattern!r} matches no nn.Linear; "
+                raise ValueError(f"quantize_model: pattern {pattern!r} matches no nn.Linear (or Conv1D); "
                                  f"candidates: {names}")
     else:
         _check_bits(bits, "quantize_model")
     for pattern in skip:
         if not any(name_matches(n, pattern) for n in names):
-            raise ValueError(f"quantize_model: skip pattern {pattern!r} matches no nn.Linear; candidates: {names}")
+            raise ValueError(f"quantize_model: skip pattern {pattern!r} matches no nn.Linear (or Conv1D); "
+                             f"candidates: {names}")
     tied = _tied_weight_ids(model)
     plan = {}
     for name, linear in linears:
@@ -94,7 +98,7 @@ def plan_quantization(model: nn.Module, bits: int | dict[str, int] = 4,
 def quantize_model(model: nn.Module, bits: int | dict[str, int] = 4, skip: list[str] | tuple[str, ...] = (),
                    compute_dtype: torch.dtype | None = None, blocksize: int = 64,
                    double_quant: bool = True) -> nn.Module:
-    """Replace matching nn.Linear layers by Linear4bit/Linear8bit, in place; returns the model.
+    """Replace matching nn.Linear and Conv1D layers by Linear4bit/Linear8bit, in place; returns the model.
 
     bits: 4, 8, or {pattern: 4|8} for a mixed model (layers matching no pattern stay float).
     skip: patterns never quantized.  Linear layers with tied weights are left in float.
@@ -106,7 +110,7 @@ def quantize_model(model: nn.Module, bits: int | dict[str, int] = 4, skip: list[
 
 def apply_plan(model: nn.Module, plan: dict[str, int], compute_dtype: torch.dtype | None = None,
                blocksize: int = 64, double_quant: bool = True) -> None:
-    """Swap each nn.Linear named in `plan` for its quantized version.  All layers are built
+    """Swap each nn.Linear / Conv1D named in `plan` for its quantized version.  All layers are built
     before the first swap, so a bad weight (NaN/inf) leaves the model untouched."""
     built = {}
     for name, b in plan.items():
@@ -210,11 +214,12 @@ class RequantReport:
 def requantize_merged(model: nn.Module, bits: int | dict[str, int] = 4, skip: list[str] | tuple[str, ...] = (),
                       compute_dtype: torch.dtype | None = None, blocksize: int = 64,
                       double_quant: bool = True) -> RequantReport:
-    """Quantize again a model whose adapters were merged into plain float nn.Linear layers
-    (lora.merge_lora_weights does that), in place, and report the error this introduces
-    per layer: the merged update is small, so re-quantizing can round part of it away."""
+    """Quantize again a model whose adapters were merged into plain float layers (nn.Linear,
+    or Conv1D for a Conv1D base: lora.merge_lora_weights does that), in place, and report
+    the error this introduces per layer: the merged update is small, so re-quantizing can
+    round part of it away."""
     plan = plan_quantization(model, bits, skip)
-    reference = {name: model.get_submodule(name).weight.detach().float().clone() for name in plan}
+    reference = {name: linear_weight(model.get_submodule(name)).float().clone() for name in plan}  # (out, in)
     apply_plan(model, plan, compute_dtype, blocksize, double_quant)
     report = RequantReport()
     for name, b in plan.items():

@@ -108,3 +108,45 @@ def test_module_shapes_and_errors():
         hessian_traces(net, [torch.randn(2, 3)], ["9"], lambda m, b: m(b).sum())
     with pytest.raises(TypeError, match="floating-point weight"):
         hessian_traces(net, [torch.randn(2, 3)], ["1"], lambda m, b: m(b).sum())
+
+
+def test_probe_upstream_of_a_fused_lora_layer_sees_every_second_order_term():
+    # Issue 17's reproduction: layer "2" downstream of the probed layer "0" takes LoRALinear's fused
+    # autograd path (enough rows, plain Linear base). Its backward must be differentiable twice, or the
+    # Hessian-vector product silently loses terms (it gave -0.526 +- 0.009 for an exact trace of 0.087).
+    from lora import add_lora_to_model
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    plain = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    plain.load_state_dict(net.state_dict())
+    add_lora_to_model(net, r=2, lora_alpha=4, target_modules=["0", "2"])   # B = 0: same function as plain
+    X, Y = torch.randn(32, 8), torch.randn(32, 2)
+    assert net[2]._can_fuse(torch.tanh(net[0](X)))                           # the path under test is taken
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()                       # noqa: E731
+    est = hessian_traces(net, [(X, Y)], ["0"], loss, min_samples=1500, max_samples=1500, tol=0)["0"]
+    exact = _exact_trace(plain, "0", lambda f: ((f(X) - Y) ** 2).mean())
+    assert abs(est.trace - exact) < 4 * est.stderr, (est, exact)
+
+
+def test_fused_lora_backward_is_twice_differentiable():
+    from lora.layers import _FusedLoRA
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, generator=g)
+    A = torch.randn(2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(3, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    fused = lambda x, A, B: _FusedLoRA.apply(x, W.detach(), b, A, B, 0.7)    # noqa: E731
+    assert torch.autograd.gradcheck(fused, (x, A, B))
+    assert torch.autograd.gradgradcheck(fused, (x, A, B))
+
+
+def test_each_module_gets_its_own_mode_back():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 1))
+    net.train()
+    net[1].eval()                                   # the user's choice: this dropout stays off
+    X, Y = torch.randn(8, 4), torch.randn(8, 1)
+    hessian_traces(net, [(X, Y)], ["2"], lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(),
+                   min_samples=2, max_samples=2)
+    assert net.training and net[0].training and net[2].training
+    assert not net[1].training

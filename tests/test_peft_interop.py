@@ -1,7 +1,8 @@
-"""Our adapter files against Hugging Face PEFT, on a tiny random transformers model, both directions.
+"""Our adapter files against Hugging Face PEFT, on a tiny random transformers LLaMA, both directions:
+patterns, sparse, modules_to_save, biases, refused methods.
 
-(HF GPT-2 uses transformers' Conv1D, not nn.Linear, so the interop model is a tiny LLaMA,
-whose projections are nn.Linear and whose module names our LLaMA mirrors.)
+(GPT-2, whose projections are transformers' Conv1D, DistilBERT and every method on each
+are in tests/test_hf_interop.py.)
 """
 import copy
 
@@ -130,11 +131,3 @@ def test_trained_biases_both_ways(idx, tmp_path, bias):
     back = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
     torch.testing.assert_close(logits(back, idx), logits(theirs.eval(), idx), rtol=1e-4, atol=1e-5)
 
-
-def test_hf_gpt2_conv1d_is_named_as_not_linear():
-    """HF GPT-2 projections are transformers' Conv1D (weight stored (in, out)): refused by name."""
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=8,
-                                                                 n_layer=1, n_head=2))
-    with pytest.raises(TypeError, match="transformer.h.0.attn.c_attn.*Conv1D"):
-        add_lora_to_model(model, target_modules=["c_attn"])
-    assert adapter_layers(model) == []

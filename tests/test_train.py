@@ -355,3 +355,106 @@ def test_gradient_checkpointing_gives_the_same_training():
         losses.append([r["loss"] for r in result.loss_log])
         assert model.config.gradient_checkpointing is ckpt
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- models that are not ours
+
+class Output:
+    """What a transformers ModelOutput offers train(): attributes, no tuple."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+class HFStyle(nn.Module):
+    """TinyLM behind a transformers-style call: `labels=` in, an object with `.loss` out."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits, loss = self.inner(input_ids, labels, attention_mask)
+        return Output(loss=loss, logits=logits)
+
+
+class HFStyleSpans(nn.Module):
+    """A transformers QA-style call: start_positions/end_positions, start/end logits, no `.logits`."""
+
+    def __init__(self):
+        super().__init__()
+        self.qa = nn.Linear(D, 2)
+        self.emb = nn.Embedding(V, D)
+
+    def forward(self, input_ids, attention_mask=None, start_positions=None, end_positions=None):
+        start, end = self.qa(self.emb(input_ids)).unbind(-1)  # (B, T) each
+        loss = (F.cross_entropy(start, start_positions) + F.cross_entropy(end, end_positions)) / 2
+        return Output(loss=loss, start_logits=start, end_logits=end)
+
+
+def test_transformers_style_models_train_like_ours():
+    """Two ways: TinyLM called with targets= returning (logits, loss), and the same model behind
+    labels= returning an object with .loss: the same losses, step by step."""
+    data = make_data()
+    ours = train(make_model(), epoch_batches(data, 8, seed=0), cfg(steps=4))
+    theirs = train(HFStyle(make_model()), epoch_batches(data, 8, seed=0), cfg(steps=4))
+    assert [r["loss"] for r in theirs.loss_log] == [r["loss"] for r in ours.loss_log]
+
+    torch.manual_seed(0)
+    spans = HFStyleSpans()
+    x = torch.randint(0, V, (16, T), generator=torch.Generator().manual_seed(3))
+    labels = torch.stack([x.argmax(1), x.argmin(1)], dim=1)  # (B, 2) = (start, end), as trainers.data makes them
+    before = spans.qa.weight.detach().clone()
+    result = train(spans, epoch_batches({"input_ids": x, "labels": labels}, 8, seed=0), cfg(steps=3))
+    assert all(math.isfinite(r["loss"]) for r in result.loss_log)
+    assert not torch.equal(spans.qa.weight, before)
+
+
+def test_models_that_train_cannot_call_or_read_are_named():
+    data = make_data()
+
+    class NoLabels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None):
+            return Output(loss=self.w.sum())
+
+    with pytest.raises(TypeError, match=r"NoLabels.forward\(input_ids, attention_mask=None\) takes no labels; "
+                                        r"train\(\) calls model\(input_ids, targets=labels"):
+        train(NoLabels(), epoch_batches(data, 8), cfg(steps=1))
+
+    class LossFirst(TinyLM):  # transformers' return_dict=False order: (loss, logits)
+        def forward(self, idx, targets=None, attention_mask=None):
+            logits, loss = super().forward(idx, targets, attention_mask)
+            return loss, logits
+
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match=r"returned a tuple of 2 whose loss is \(8, 8, 11\)-shaped tensor; "
+                                        r"train\(\) needs \(logits, loss\)"):
+        train(LossFirst(), epoch_batches(data, 8), cfg(steps=1))
+
+    class NoLoss(HFStyle):  # called with labels= but returns no loss
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            return Output(loss=None, logits=self.inner(input_ids)[0])
+
+    with pytest.raises(TypeError, match="returned Output whose loss is None"):
+        train(NoLoss(make_model()), epoch_batches(data, 8), cfg(steps=1))
+
+
+@pytest.mark.ref
+def test_train_a_transformers_gpt2():
+    """A transformers GPT2LMHeadModel (ModelOutput out, labels= in, labels shifted inside)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=16, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    x = make_data()["input_ids"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(model, epoch_batches({"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}, 8,
+                                        seed=0), cfg(steps=3, lr=3e-3))
+    losses = [r["loss"] for r in result.loss_log]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())

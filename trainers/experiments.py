@@ -422,7 +422,9 @@ def model_kind(family: str, task_kind: str) -> str:
              ("gpt2", "lm"): "gpt2", ("gpt2", "summarization"): "gpt2",
              ("distilbert", "classification"): "distilbert-cls",
              ("distilbert", "pair_classification"): "distilbert-cls", ("distilbert", "qa"): "distilbert-qa",
-             ("llama", "lm"): "llama", ("llama", "summarization"): "llama"}
+             ("llama", "lm"): "llama", ("llama", "summarization"): "llama",
+             ("llama", "classification"): "llama-cls", ("llama", "pair_classification"): "llama-cls",
+             ("llama", "qa"): "llama-qa"}
     if (family, task_kind) not in kinds:
         fits = sorted({f for f, k in kinds if k == task_kind})
         raise ValueError(f"a {family} model has no head for a {task_kind} task; families that do: {fits}")
@@ -455,9 +457,10 @@ def load_model(model_name: str, task_name: str, *, max_length: int = 128, data_d
         torch.manual_seed(seed)
         return models.build_model(kind, config_cls.tiny(**fields)), tokenizer
     if model_name in LLAMA2C_MODELS:
-        model_kind("llama", spec.kind)
+        kind = model_kind("llama", spec.kind)
+        overrides = {"num_labels": spec.num_labels} if kind.endswith("-cls") else {}
         folder, weights, tok = LLAMA2C_MODELS[model_name]
-        return (load_llama2c(data_file(folder, weights, explicit=data_dir)),
+        return (load_llama2c(data_file(folder, weights, explicit=data_dir), kind, **overrides),
                 Llama2cTokenizer.from_file(data_file(folder, tok, explicit=data_dir)))
     try:
         folder = resolve_source(model_name)

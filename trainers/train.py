@@ -25,6 +25,7 @@ the same epoch (seed any shuffling by the epoch, as `epoch_batches` does).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import resource
@@ -250,6 +251,40 @@ def _enable_grad_checkpointing(model: nn.Module) -> None:
                          f"grad_checkpointing=False")
 
 
+def _label_keywords(model: nn.Module) -> Callable[[torch.Tensor], dict]:
+    """How labels reach `model`, read once from its forward signature: `targets=` for
+    trainers.models (and wrappers that take **kwargs), `labels=` for transformers models,
+    `start_positions=`/`end_positions=` for transformers QA heads (labels are (B, 2))."""
+    params = inspect.signature(model.forward).parameters
+    if "targets" in params:
+        return lambda labels: {"targets": labels}
+    if "labels" in params:
+        return lambda labels: {"labels": labels}
+    if "start_positions" in params and "end_positions" in params:
+        return lambda labels: {"start_positions": labels[:, 0], "end_positions": labels[:, 1]}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return lambda labels: {"targets": labels}
+    raise TypeError(f"train: {type(model).__name__}.forward{inspect.signature(model.forward)} takes no labels; "
+                    f"train() calls model(input_ids, targets=labels, attention_mask=mask) (trainers.models) or "
+                    f"model(input_ids, labels=labels, attention_mask=mask) (transformers models)")
+
+
+def _loss_of(output) -> torch.Tensor:
+    """The scalar loss in a model's output: a (logits, loss) tuple, as trainers.models return,
+    or an object with `.loss`, as transformers' ModelOutput (duck-typed: no transformers import)."""
+    if isinstance(output, tuple):
+        loss = output[1] if len(output) == 2 else None
+    else:
+        loss = getattr(output, "loss", None)
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        what = (f"a tuple of {len(output)}" if isinstance(output, tuple) else type(output).__name__)
+        got = f"{tuple(loss.shape)}-shaped tensor" if isinstance(loss, torch.Tensor) else repr(loss)
+        raise TypeError(f"train: the model returned {what} whose loss is {got}; train() needs (logits, loss) "
+                        f"with a scalar loss, or an object with a scalar .loss (e.g. a transformers ModelOutput; "
+                        f"return_dict=False tuples put the loss first and are not read)")
+    return loss
+
+
 def _evaluate(model: nn.Module, evaluate: Callable, rt: Runtime, step: int) -> dict:
     model.eval()
     with torch.no_grad(), rt.autocast():
@@ -264,10 +299,12 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
           out_dir: Path | None = None, resume: bool = False) -> TrainResult:
     """Train the trainable parameters of `model` on `batches(epoch)` for `cfg.steps` steps.
 
-    `model(input_ids, targets=labels, attention_mask=mask) -> (logits, loss)`.
+    `model(input_ids, targets=labels, attention_mask=mask) -> (logits, loss)`; a transformers
+    model is called with `labels=` instead and its output's `.loss` is used (_label_keywords).
     `evaluate(model) -> dict` runs under no_grad in eval mode. Raises
     NonFiniteLossError when the loss becomes NaN/inf."""
     cfg.__post_init__()                 # again: a field may have been changed since the config was built
+    label_keywords = _label_keywords(model)
     rt = Runtime.create(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     model.to(rt.device)
@@ -338,7 +375,8 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
             mask = batch.get("attention_mask")
             mask = mask.to(rt.device, non_blocking=True) if mask is not None else None
             with rt.autocast():
-                logits, loss = model(input_ids, targets=labels, attention_mask=mask)
+                output = model(input_ids, attention_mask=mask, **label_keywords(labels))
+                loss = _loss_of(output)
                 total = loss if allocator is None else loss + allocator.regularization(model)
                 total = total / cfg.grad_accum
             (scaler.scale(total) if scaler is not None else total).backward()
@@ -349,7 +387,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
             # Drop every handle on the graph now: it holds activations, and a live graph keeps
             # autograd's per-parameter accumulators, which remember the shapes of parameters that a
             # dynamic allocator may resize in after_step.
-            del logits, loss, total
+            del output, loss, total
         last_loss = step_loss.item()
         if not (math.isfinite(last_loss) and math.isfinite(step_total.item())):
             bar.close()
