@@ -152,29 +152,30 @@ class MemoryPlan:
     def controller_cap(self, total_bytes: int) -> int:
         """`ControllerConfig.memory_cap_bytes` that keeps this step under `total_bytes`. Plan at
         the controller's r_max: the adapters' own activations grow with the rank."""
+        if self.config.method == "full":
+            raise ValueError("controller_cap: full fine-tuning has no adapters whose ranks a controller could cap")
         return adapter_cap_from_total(total_bytes, self.total - self.adapter_training_bytes)
 
     def __str__(self) -> str:
         c = self.config
         ckpt = "with" if c.grad_checkpointing else "without"
+        other = self.activations_plain if c.grad_checkpointing else self.activations_checkpointed
         rows = [(f"weights {kind}", b) for kind, b in self.weights.items()]
         if c.method != "full":
             rows.append((f"adapters ({c.method}, r={c.rank})", self.adapters))
         rows += [("gradients", self.gradients),
-                 ("optimizer states (AdamW m, v)" + (" -> host" if c.paged_adamw else ""), self.optimizer),
+                 ("optimizer states (AdamW m, v)" + (": in host memory" if c.paged_adamw else ""), self.optimizer),
                  (f"activations {ckpt} checkpointing", self.activations),
-                 (f"  (activations {'without' if c.grad_checkpointing else 'with'} checkpointing: "
-                  f"{_gib(self.activations_plain if c.grad_checkpointing else self.activations_checkpointed)})", None),
-                 ("logits", self.logits)]
-        width = max(len(name) for name, _ in rows) + 2
-        head = (f"{c.model}, {c.method} (r={c.rank}), batch {c.batch} x seq {c.seq}, params {c.dtype}, "
-                f"compute {c.compute_dtype or c.dtype}: {self.n_params / 1e6:,.1f}M parameters, "
-                f"{self.trainable / 1e6:,.3f}M trainable")
-        lines = [head] + [f"  {name:<{width}}{_gib(b) if b is not None else ''}" for name, b in rows]
-        lines.append(f"  {'peak (' + self.peak_phase + ')':<{width}}{_gib(self.total)}")
+                 (f"activations {'without' if c.grad_checkpointing else 'with'} checkpointing", other),
+                 ("logits", self.logits), (f"peak ({self.peak_phase})", self.total)]
         if self.optimizer_host:
-            lines.append(f"  {'host memory (paged AdamW)':<{width}}{_gib(self.optimizer_host)}")
-        return "\n".join(lines)
+            rows.append(("host memory (paged AdamW moments)", self.optimizer_host))
+        width = max(len(name) for name, _ in rows) + 2
+        rank = "" if c.method == "full" else f" r={c.rank},"
+        head = (f"{c.model}, {c.method},{rank} batch {c.batch} x seq {c.seq}, params {c.dtype}, compute "
+                f"{c.compute_dtype or c.dtype}: {self.n_params / 1e6:,.1f}M parameters, "
+                f"{self.trainable / 1e6:,.3f}M trainable")
+        return "\n".join([head] + [f"  {name:<{width}}{_gib(b)}" for name, b in rows])
 
 
 def _gib(n: int) -> str:
@@ -271,7 +272,7 @@ def plan_memory(cfg: PlanConfig, model: nn.Module | None = None) -> MemoryPlan:
         masks = cfg.rank * (in_f + out_f) if method == "sparse" else (cfg.rank * F32 if method == "adalora" else 0)
         plan.adapters += n * w + masks
 
-    parts = adamw_bytes(plan.trainable, cfg.dtype, "float32" if w == F32 else cfg.dtype)
+    parts = adamw_bytes(plan.trainable, cfg.dtype)             # torch's AdamW: moments in the params' dtype
     plan.gradients = parts["grads"]
     plan.optimizer_host = parts["moments"] if cfg.paged_adamw else 0
     plan.optimizer = 0 if cfg.paged_adamw else parts["moments"]
