@@ -32,6 +32,7 @@ never exceeds the budget and no layer below r_max could take one more rank.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -42,6 +43,7 @@ METHODS = ("lora", "sparse", "hira", "dora", "adalora")
 def cost_per_rank(in_features: int, out_features: int, method: str = "lora") -> int:
     """Parameters one more rank adds to a layer: a row of A and a column of B (and one Λ entry)."""
     _check_method(method)
+    _check_features(in_features, out_features, "cost_per_rank")
     return in_features + out_features + (1 if method == "adalora" else 0)
 
 
@@ -66,6 +68,8 @@ _DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2,
 def dtype_bytes(dtype) -> int:
     """Bytes per element of a dtype given as a torch.dtype, a name ("bf16") or a number of bytes."""
     if isinstance(dtype, int) and not isinstance(dtype, bool):
+        if dtype < 1:
+            raise ValueError(f"dtype_bytes: a number of bytes must be >= 1, got {dtype}")
         return dtype
     itemsize = getattr(dtype, "itemsize", None)          # torch.dtype has .itemsize
     if isinstance(itemsize, int):
@@ -116,6 +120,7 @@ def base_bits_per_param(bits: int) -> float:
 def base_bytes(in_features: int, out_features: int, bits: int, *, blocksize: int = 64,
                dq_blocks: int = 256) -> int:
     """Bytes of a frozen (out, in) base weight at `bits` (bias not included)."""
+    _check_features(in_features, out_features, "base_bytes")
     n = in_features * out_features
     if bits in (16, 32):
         return n * bits // 8
@@ -125,6 +130,12 @@ def base_bytes(in_features: int, out_features: int, bits: int, *, blocksize: int
         n_blocks = math.ceil(n / blocksize)
         return math.ceil(n / 2) + n_blocks + 4 * math.ceil(n_blocks / dq_blocks) + 4
     raise ValueError(f"base_bytes: bits must be 4, 8, 16 or 32, got {bits}")
+
+
+def _check_features(in_features, out_features, where: str) -> None:
+    for what, v in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{where}: {what} must be a positive int, got {v!r}")
 
 
 def _check_method(method: str) -> None:

@@ -61,6 +61,8 @@ def hutchinson_traces(loss_fn: Callable[[int], Tensor], params: Mapping[str, Ten
     if min_samples < 2 or max_samples < min_samples:
         raise ValueError(f"hutchinson_traces: need 2 <= min_samples <= max_samples, "
                          f"got {min_samples}, {max_samples}")
+    if not tol >= 0:
+        raise ValueError(f"hutchinson_traces: tol must be >= 0, got {tol!r}")
     names = list(params)
     tensors = [params[k] for k in names]
     for k, p in zip(names, tensors):
@@ -185,7 +187,13 @@ def sensitivity_ranks(traces: Mapping[str, TraceEstimate | float], shapes: Mappi
 def module_shapes(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:
     """name -> (in_features, out_features) of Linear-like modules (a Conv1D's nx, nf), or adapters."""
     modules = dict(model.named_modules())
-    return {n: in_out_features(modules[n]) for n in names}
+    shapes = {}
+    for n in names:
+        try:
+            shapes[n] = in_out_features(modules[n])
+        except (KeyError, AttributeError):
+            raise ValueError(f"module_shapes: no Linear-like module named {n!r} in the model") from None
+    return shapes
 
 
 def adapter_budget_params(shapes: Mapping[str, tuple[int, int]], rank: int, method: str = "lora") -> int:

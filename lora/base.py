@@ -31,6 +31,7 @@ factor); carried-over Adam moments for B are then off by the same constant facto
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -100,10 +101,51 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+# --- argument checks: each names who asks, the argument, what is expected and what was given ------
 def check_rank(rank, who: str = "adapter") -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"{who}: rank must be a positive int, got {rank!r}")
     return rank
+
+
+def check_alpha(alpha, what: str):
+    """`what` ("LoRALinear: alpha", "LoraConfig.lora_alpha") must be a finite number > 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {alpha!r}")
+    return alpha
+
+
+def check_dropout(p, what: str) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{what} must be in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_flag(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def check_dtype(dtype, who: str) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{who}: dtype must be None or a floating-point torch.dtype, got {dtype!r}")
+
+
+def check_finite(t: Tensor, what: str) -> None:
+    """Refuse a tensor holding NaN or +-inf, naming it, how many and the first position."""
+    bad = ~torch.isfinite(t.detach())
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{what} has {int(bad.sum())} non-finite entries of {t.numel()} "
+                         f"(first at index {first}: {t[first].item()})")
+
+
+def check_base(base_layer, who: str) -> None:
+    if not isinstance(base_layer, nn.Module) or not is_linear_like(base_layer):
+        raise TypeError(f"{who}: base_layer must be an nn.Linear, a Conv1D (nx, nf, weight (nx, nf)) or a "
+                        f"Linear-like quantized layer (in_features, out_features, dequantize()), "
+                        f"got {type(base_layer).__name__}")
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -166,10 +208,24 @@ def resized_low_rank(A: Tensor, B: Tensor, new_rank: int) -> tuple[Tensor, Tenso
     return A_new, B_new
 
 
-def _set_data(param: nn.Parameter, data: Tensor) -> None:
-    """Swap a Parameter's storage, keeping the object (optimizers keep referencing it)."""
-    param.data = data.contiguous()
-    param.grad = None   # an old-shaped gradient cannot be accumulated into the new shape
+def _set_data(*pairs: tuple[nn.Parameter, Tensor]) -> None:
+    """Swap the storage of each (Parameter, new data), keeping the objects (optimizers keep
+    referencing them) and clearing `.grad` (an old-shaped gradient cannot be accumulated into
+    the new shape). All or none: if one swap fails, the earlier ones are put back."""
+    new = [(param, data.contiguous()) for param, data in pairs]
+    old = [(param, param.data, param.grad) for param, _ in new]
+    try:
+        for param, data in new:
+            _assign(param, data)
+    except BaseException:
+        for param, data, grad in old:
+            param.data, param.grad = data, grad
+        raise
+
+
+def _assign(param: nn.Parameter, data: Tensor) -> None:
+    param.data = data
+    param.grad = None
 
 
 class AdapterLayer(nn.Module):
@@ -179,21 +235,24 @@ class AdapterLayer(nn.Module):
     the delta into a float base (nn.Linear, or a Conv1D through its transposed view)
     in place, remembering the original weight so `unmerge()` restores it bit-for-bit;
     merging is always an explicit call.
+
+    All-or-nothing: a subclass checks every argument of its own (and reads whatever it
+    needs from W0) BEFORE calling `AdapterLayer.__init__`, the first step that changes
+    the base (it freezes it), so a rejected constructor leaves the base layer untouched.
     """
 
     def __init__(self, base_layer: nn.Module, *, dtype: torch.dtype | None = None):
         super().__init__()
-        if not isinstance(base_layer, nn.Module) or not is_linear_like(base_layer):
-            raise TypeError(f"{type(self).__name__}: base_layer must be an nn.Linear, a Conv1D (nx, nf, "
-                            f"weight (nx, nf)) or a Linear-like quantized layer (in_features, out_features, "
-                            f"dequantize()), got {type(base_layer).__name__}")
+        check_base(base_layer, type(self).__name__)
+        check_dtype(dtype, type(self).__name__)
+        factory = self._factory_kwargs(base_layer, dtype)
         self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
         self.in_features, self.out_features = in_out_features(base_layer)
         self.merged = False
         self._original_weight: Tensor | None = None  # set while merged
-        self._factory = self._factory_kwargs(base_layer, dtype)
+        self._factory = factory
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
 
     @staticmethod
     def _factory_kwargs(base: nn.Module, dtype: torch.dtype | None) -> dict:
@@ -239,9 +298,10 @@ class AdapterLayer(nn.Module):
         self._check_mergeable()
         weight = base_weight(self.base_layer)  # (out, in); a Conv1D's transposed view, written through
         new_weight = self.merged_weight()
-        self._original_weight = weight.detach().clone()
+        check_finite(new_weight, f"{type(self).__name__}.merge: the merged weight W0 + delta W")
+        original = weight.detach().clone()
         weight.copy_(new_weight)
-        self.merged = True
+        self._original_weight, self.merged = original, True
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -249,8 +309,7 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             return
         base_weight(self.base_layer).copy_(self._original_weight)
-        self._original_weight = None
-        self.merged = False
+        self._original_weight, self.merged = None, False
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"
@@ -265,13 +324,10 @@ class LowRankAdapter(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, *, rank: int = 8, alpha: float = 16,
                  dropout: float = 0.0, use_rslora: bool = False, dtype: torch.dtype | None = None):
-        super().__init__(base_layer, dtype=dtype)
-        name = type(self).__name__
-        check_rank(rank, name)
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
+        self.check_arguments(type(self).__name__, rank, alpha, dropout, use_rslora)
+        super().__init__(base_layer, dtype=dtype)                           # checks base, dtype; freezes
         self.alpha = alpha
-        self.use_rslora = bool(use_rslora)
+        self.use_rslora = use_rslora
         self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.dropout_p = float(dropout)
         # Dropout before A, as in PEFT; an Identity (never called) when p == 0.
@@ -280,6 +336,14 @@ class LowRankAdapter(AdapterLayer):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **self._factory))  # (out, r)
         with torch.no_grad():
             kaiming_rows_(self.lora_A)
+
+    @staticmethod
+    def check_arguments(who: str, rank, alpha, dropout, use_rslora) -> None:
+        """The low-rank arguments every subclass shares (subclasses call it before reading W0)."""
+        check_rank(rank, who)
+        check_alpha(alpha, f"{who}: alpha")
+        check_dropout(dropout, f"{who}: dropout")
+        check_flag(use_rslora, f"{who}: use_rslora")
 
     @property
     def rank(self) -> int:
@@ -304,11 +368,20 @@ class LowRankAdapter(AdapterLayer):
         training with `allocation.controller.resize_with_state`, which also moves
         the optimizer state and re-registers fresh Parameters.
         """
-        check_rank(new_rank, f"{type(self).__name__}.resize")
-        if self.merged:
-            raise RuntimeError(f"{type(self).__name__}.resize: unmerge() before changing the rank")
+        self._check_resizable(new_rank)
         A, B = resized_low_rank(self.lora_A.data, self.lora_B.data, new_rank)
         self._set_factors(A, B)
+
+    def _check_resizable(self, new_rank) -> None:
+        """What every resize checks before changing anything: the rank, not merged, finite factors
+        (an SVD of NaN factors fails halfway or spreads the NaN to every entry)."""
+        name = f"{type(self).__name__}.resize"
+        check_rank(new_rank, name)
+        if self.merged:
+            raise RuntimeError(f"{name}: unmerge() before changing the rank")
+        for pname, p in self.named_parameters():
+            if not pname.startswith("base_layer."):
+                check_finite(p, f"{name}: {pname}")
 
     @torch.no_grad()
     def _set_factors(self, A: Tensor, B: Tensor) -> None:
@@ -321,8 +394,7 @@ class LowRankAdapter(AdapterLayer):
         new_scaling = lora_scaling(self.alpha, new_rank, self.use_rslora)
         if new_scaling != self.scaling:
             B = (B.to(work_dtype(B)) * (self.scaling / new_scaling)).to(B.dtype)
-        _set_data(self.lora_A, A)
-        _set_data(self.lora_B, B)
+        _set_data((self.lora_A, A), (self.lora_B, B))
         self.scaling = new_scaling
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .int8 import Int8Tensor, dequantize_int8, quantize_int8
-from .nf4 import DQ_BLOCKSIZE, NF4Tensor, check_blocksize, dequantize_nf4, quantize_nf4
+from .nf4 import DQ_BLOCKSIZE, FLOAT_DTYPES, NF4Tensor, check_blocksize, dequantize_nf4, quantize_nf4
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -78,6 +78,14 @@ class _FrozenQuantLinear(nn.Module):
 
     def _init_common(self, in_features: int, out_features: int, bias: bool,
                      compute_dtype: torch.dtype | None, weight_dtype: torch.dtype) -> None:
+        name = type(self).__name__
+        for what, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {what} must be a positive int, got {value!r}")
+        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: compute_dtype must be None or float32/float16/bfloat16, got {compute_dtype!r}")
+        if weight_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: weight_dtype must be float32/float16/bfloat16, got {weight_dtype!r}")
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype      # None: compute in the input's dtype
         self.weight_dtype = weight_dtype        # dtype of the weight before quantization
@@ -175,13 +183,12 @@ class Linear4bit(_FrozenQuantLinear):
 
     def nf4(self) -> NF4Tensor:
         """The stored weight as an NF4Tensor (views of the buffers, no copy)."""
-        q = NF4Tensor(self.weight_packed, torch.Size((self.out_features, self.in_features)),
-                      self.weight_dtype, self.blocksize)
+        shape = torch.Size((self.out_features, self.in_features))
         if self.double_quant:
-            q.absmax_codes, q.absmax_scales, q.absmax_mean = self.absmax_codes, self.absmax_scales, self.absmax_mean
-        else:
-            q.absmax = self.absmax
-        return q
+            return NF4Tensor(self.weight_packed, shape, self.weight_dtype, self.blocksize,
+                             absmax_codes=self.absmax_codes, absmax_scales=self.absmax_scales,
+                             absmax_mean=self.absmax_mean)
+        return NF4Tensor(self.weight_packed, shape, self.weight_dtype, self.blocksize, absmax=self.absmax)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Ŵ (out, in) in `dtype` (default: compute_dtype, else the original weight dtype)."""
@@ -208,6 +215,10 @@ class Linear8bit(_FrozenQuantLinear):
         if blocksize is not None:
             check_blocksize(blocksize)
         self._init_common(in_features, out_features, bias, compute_dtype, weight_dtype)
+        if isinstance(n_outlier_cols, bool) or not isinstance(n_outlier_cols, int) \
+                or not 0 <= n_outlier_cols <= in_features or (n_outlier_cols and blocksize is not None):
+            raise ValueError(f"Linear8bit: n_outlier_cols must be an int in [0, in_features={in_features}] "
+                             f"(and 0 with blockwise scales), got {n_outlier_cols!r} with blocksize={blocksize}")
         self.blocksize = blocksize
         n = in_features * out_features
         if blocksize is None:

@@ -386,6 +386,45 @@ def test_parity_llama(tmp_path, tied):
     torch.testing.assert_close(ours(X, X)[1], hf(X, labels=X).loss, atol=1e-5, rtol=1e-4)
 
 
+def test_damaged_folders_name_the_file_and_key(tmp_path):
+    model = tiny("gpt2")
+    folder = write_folder(tmp_path / "m", "gpt2", model)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"model.safetensors' is empty \(0 bytes\)"):
+        load_hf_model(folder)
+    weights.unlink()
+    torch.save([1, 2, 3], folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin' does not hold a state dict of tensors "
+                                         r"\(it holds a list"):
+        load_hf_model(folder)
+    (folder / "pytorch_model.bin").unlink()
+    index = folder / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"wte.weight": "part-1.safetensors"')
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json' is not valid JSON \(line 1, column"):
+        load_hf_model(folder)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match=r"index.json': key 'weight_map' must map tensor names to shard"):
+        load_hf_model(folder)
+    index.write_text(json.dumps({"weight_map": {"wte.weight": "part-1.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=r"lists the shard 'part-1.safetensors', which is not in"):
+        load_hf_model(folder)
+
+
+def test_config_lacking_a_key_or_not_an_object_names_the_file(tmp_path):
+    model = tiny("gpt2")
+    folder = write_folder(tmp_path / "m", "gpt2", model)
+    config = json.loads((folder / "config.json").read_text())
+    del config["n_embd"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json' lacks the key 'n_embd', needed for model_type 'gpt2'"):
+        load_hf_model(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json' must hold a JSON object \(the model configuration\), "
+                                         r"got list"):
+        load_hf_model(folder)
+
+
 @pytest.mark.ref
 def test_parity_llama_classifier_and_qa(tmp_path):
     """HF's LlamaForSequenceClassification (`score`, last non-pad token) and

@@ -357,6 +357,102 @@ def test_gradient_checkpointing_gives_the_same_training():
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
+# ----------------------------------------------------------------------------- resume: all-or-nothing
+
+def _grown_checkpoint(folder):
+    """A finished run whose LoRA layer grew 2 -> 4; its checkpoint.pt holds rank 4."""
+    train(make_model(), epoch_batches(make_data(), 8), cfg(steps=6, checkpoint_every=3), out_dir=folder,
+          allocator=GrowingAllocator(at=1))
+    return folder / "checkpoint.pt"
+
+
+def test_resume_into_a_model_whose_adapters_differ_changes_nothing(tmp_path):
+    from tests.snapshot import assert_unchanged, snapshot
+    _grown_checkpoint(tmp_path)
+    model = make_model()
+    model.head = LoRALinear(model.head, rank=2, alpha=4)     # one more adapter than the checkpoint's run
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt'?: the model has an adapter 'head' \(LoRALinear\) "
+                                         r"that the checkpoint lacks"):
+        train(model, epoch_batches(make_data(), 8), cfg(steps=6), out_dir=tmp_path, resume=True,
+              allocator=GrowingAllocator(at=1))
+    assert_unchanged(before, model)                           # mid was not resized to 4 first
+    assert model.mid.rank == 2
+
+
+def test_resume_refuses_trainable_parameters_of_another_shape_before_resizing(tmp_path):
+    from tests.snapshot import assert_unchanged, snapshot
+    path = _grown_checkpoint(tmp_path)
+    state = torch.load(path, weights_only=False)
+    state["trainable"]["mid.lora_A"] = torch.zeros(4, D + 1)   # in_features disagree at the saved rank
+    torch.save(state, path)
+    model = make_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"trainable\['mid.lora_A'\] has shape \(4, 17\), "
+                                         r"the model's is \(4, 16\)"):
+        train(model, epoch_batches(make_data(), 8), cfg(steps=6), out_dir=tmp_path, resume=True,
+              allocator=GrowingAllocator(at=1))
+    assert_unchanged(before, model)
+
+
+def test_resume_failing_at_the_last_moment_is_undone(tmp_path, monkeypatch):
+    import trainers.train as train_module
+    from tests.snapshot import assert_unchanged, snapshot
+    _grown_checkpoint(tmp_path)
+    model = make_model()
+    before, rng = snapshot(model), torch.get_rng_state()
+    real, calls = train_module._set_rng_state, []
+
+    def flaky(state):                       # the RNG is restored last: fail there, after everything else
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        real(state)
+    monkeypatch.setattr(train_module, "_set_rng_state", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        train_module._load_checkpoint(tmp_path / "checkpoint.pt", model, GrowingAllocator(at=1), None, cfg(steps=6))
+    assert_unchanged(before, model)         # back at rank 2, same Parameter objects and values
+    assert torch.equal(torch.get_rng_state(), rng)
+    monkeypatch.setattr(train_module, "_set_rng_state", real)
+    train_module._load_checkpoint(tmp_path / "checkpoint.pt", model, GrowingAllocator(at=1), None, cfg(steps=6))
+    assert model.mid.rank == 4
+
+
+def test_resume_refuses_an_adapter_of_another_method(tmp_path):
+    from lora.hira import HiRALinear
+    train(make_model(), epoch_batches(make_data(), 8), cfg(steps=2, checkpoint_every=1), out_dir=tmp_path)
+    model = make_model()
+    model.mid = HiRALinear(model.mid.base_layer, rank=2, alpha=4)   # same parameter names and shapes
+    with pytest.raises(ValueError, match="adapter 'mid' is a LoRALinear in the checkpoint, a HiRALinear in the "
+                                         "model"):
+        train(model, epoch_batches(make_data(), 8), cfg(steps=2), out_dir=tmp_path, resume=True)
+
+
+def test_resume_with_or_without_an_allocator_must_match_the_run(tmp_path):
+    _grown_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="written with an allocator, the run resumes without one"):
+        train(make_model(), epoch_batches(make_data(), 8), cfg(steps=6), out_dir=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not_a_checkpoint", "text"])
+def test_damaged_checkpoints_are_value_errors_naming_the_file(tmp_path, damage):
+    path = _grown_checkpoint(tmp_path)
+    raw = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "not_a_checkpoint":
+        torch.save({"step": 3}, path)
+    else:
+        path.write_text("step,loss\n1,2.0\n")
+    model = make_model()
+    with pytest.raises(ValueError, match=r"resume: .*checkpoint\.pt.*(empty|truncated|not a training checkpoint)"):
+        train(model, epoch_batches(make_data(), 8), cfg(steps=6), out_dir=tmp_path, resume=True,
+              allocator=GrowingAllocator(at=1))
+    assert model.mid.rank == 2
+
+
 # ----------------------------------------------------------------------------- models that are not ours
 
 class Output:

@@ -62,14 +62,38 @@ def resolve_source(source, allow_patterns: list[str] | None = None) -> Path:
 
 
 def _read_one(file: Path) -> dict[str, Tensor]:
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint: weights file {str(file)!r} not found")
+    if file.stat().st_size == 0:
+        raise ValueError(f"checkpoint: weights file {str(file)!r} is empty (0 bytes); it is corrupt or truncated")
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
-            return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True)
+            tensors = load_file(str(file))
+        else:
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"checkpoint: cannot read weights file {str(file)!r}; it looks corrupt or truncated "
                          f"({type(error).__name__}: {error})") from error
+    bad = [k for k, v in tensors.items() if not torch.is_tensor(v)] if isinstance(tensors, dict) else None
+    if bad is None or bad:
+        raise ValueError(f"checkpoint: {str(file)!r} does not hold a state dict of tensors"
+                         + (f" (not a tensor: {bad[:5]})" if bad else f" (it holds a {type(tensors).__name__})"))
+    return tensors
+
+
+def _read_json(file: Path, what: str) -> dict:
+    """A JSON object from `file`; ValueError naming the file, the line and the column otherwise."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"checkpoint: {str(file)!r} is not valid JSON (line {error.lineno}, column "
+                         f"{error.colno}: {error.msg})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"checkpoint: {str(file)!r} is not UTF-8 text (byte {error.start})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"checkpoint: {str(file)!r} must hold a JSON object ({what}), got {type(value).__name__}")
+    return value
 
 
 def read_weights(folder: Path) -> dict[str, Tensor]:
@@ -80,9 +104,15 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
         if not file.exists():
             continue
         if name.endswith(".index.json"):
-            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+            weight_map = _read_json(file, "a shard index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"checkpoint: {str(file)!r}: key 'weight_map' must map tensor names to shard "
+                                 f"file names, got {weight_map!r:.80}")
             tensors = {}
-            for shard in shards:
+            for shard in sorted(set(weight_map.values())):
+                if not (folder / shard).is_file():
+                    raise FileNotFoundError(f"checkpoint: {str(file)!r} lists the shard {shard!r}, which is not in "
+                                            f"{str(folder)!r}")
                 tensors.update(_read_one(folder / shard))
             return tensors
         return _read_one(file)
@@ -95,10 +125,7 @@ def read_hf_config(folder: Path) -> dict:
     file = Path(folder) / "config.json"
     if not file.exists():
         raise FileNotFoundError(f"checkpoint: no config.json in {str(folder)!r}")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"checkpoint: {str(file)!r} is not valid JSON ({error})") from error
+    return _read_json(file, "the model configuration")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -276,7 +303,11 @@ def load_hf_model(source, kind: str | None = None, dtype: torch.dtype | None = N
     """
     folder = resolve_source(source)
     hf = read_hf_config(folder)
-    family, config = config_from_hf(hf)
+    try:
+        family, config = config_from_hf(hf)
+    except KeyError as error:       # a field config_from_hf needs (n_embd, hidden_size, ...)
+        raise ValueError(f"checkpoint: {str(folder / 'config.json')!r} lacks the key {error.args[0]!r}, "
+                         f"needed for model_type {hf.get('model_type')!r}") from None
     if kind is None:
         kind = next((ARCHITECTURES[a] for a in hf.get("architectures") or [] if a in ARCHITECTURES), family)
     if kind not in MODELS:

@@ -38,7 +38,7 @@ from allocation.sparsity import SparsityAllocator
 from lora.adapter_io import save_adapter
 from lora.base import module_device
 from lora.model import LoraConfig, adapter_layers, add_lora_to_model, find_targets
-from quantization.model import quantize_model
+from quantization.model import HEAD_NAMES, quantize_model   # HEAD_NAMES: the task heads, never quantized or adapted
 from trainers import metrics, models
 from trainers.checkpoints import config_from_hf, load_hf_model, load_llama2c, read_hf_config, resolve_source
 from trainers.data import get_task, load_task, read_raw
@@ -52,8 +52,6 @@ from trainers.train import TrainConfig, train
 METHODS = ("lora", "sparse", "hira", "dora", "adalora", "full")
 ALLOCATIONS = ("uniform", "adalora", "hutchinson", "curvature", "manual")
 QUANTS = (None, 4, 8, "mixed")
-# Layers never quantized or adapted by default: the task heads (tied to the embedding in GPT-2).
-HEAD_NAMES = ("lm_head", "score", "classifier", "pre_classifier", "qa_outputs")
 
 
 @dataclass
