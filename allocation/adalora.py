@@ -31,6 +31,7 @@ P, Q near orthogonal so that λ really is the size of a direction.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,22 @@ class AdaLoRAConfig:
     beta1: float = 0.85              # EMA of the sensitivity
     beta2: float = 0.85              # EMA of the uncertainty
     orth_reg_weight: float = 0.1     # γ (the paper's 0.1)
+
+    def __post_init__(self):
+        for name, low in (("init_r", 1), ("target_r", 1), ("tinit", 0), ("tfinal", 0), ("deltaT", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"AdaLoRAConfig.{name} must be an int >= {low}, got {value!r}")
+        if self.target_r > self.init_r:
+            raise ValueError(f"AdaLoRAConfig.target_r must be <= init_r = {self.init_r} (the budget only "
+                             f"decreases), got {self.target_r}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+                raise ValueError(f"AdaLoRAConfig.{name} must be in [0, 1), got {value!r}")
+        w = self.orth_reg_weight
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"AdaLoRAConfig.orth_reg_weight must be a finite number >= 0, got {w!r}")
 
 
 def budget_schedule(step: int, total_steps: int, b0: int, bT: int, tinit: int, tfinal: int) -> int:
@@ -79,31 +96,36 @@ class AdaLoRAAllocator:
     name = "AdaLoRA"
     PARAMS = ("lora_A", "lora_E", "lora_B")
 
-    def __init__(self, model: nn.Module, config: AdaLoRAConfig | None = None, total_steps: int = 0):
+    def __init__(self, model: nn.Module, config: AdaLoRAConfig | None = None, total_steps: int | None = None):
         self.config = c = config or AdaLoRAConfig()
         self.layers = svd_layers(model)
         if not self.layers:
             raise ValueError("AdaLoRAAllocator: the model has no SVDLoRALinear layers "
                              "(add_lora_to_model(model, method='adalora') first)")
-        for what, beta in (("beta1", c.beta1), ("beta2", c.beta2)):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"AdaLoRAAllocator: {what} must be in [0, 1), got {beta}")
-        if c.deltaT < 1:
-            raise ValueError(f"AdaLoRAAllocator: deltaT must be >= 1, got {c.deltaT}")
-        self.total_steps = int(total_steps)
+        AdaLoRAConfig.__post_init__(c)          # a config edited after construction is checked again
+        self.total_steps = self._check_total_steps(total_steps)
         self.b0 = sum(layer.rank for _, layer in self.layers)
         self.bT = c.target_r * len(self.layers)
         if not 0 < self.bT <= self.b0:
             raise ValueError(f"AdaLoRAAllocator: target total rank {self.bT} (target_r={c.target_r} x "
                              f"{len(self.layers)} layers) must be in (0, {self.b0}], the initial total rank")
-        if self.total_steps and c.tinit + c.tfinal >= self.total_steps:
-            raise ValueError(f"AdaLoRAAllocator: tinit + tfinal = {c.tinit + c.tfinal} leaves no pruning "
-                             f"phase in total_steps = {self.total_steps}")
         self.ipt: dict[str, torch.Tensor] = {}     # "layer.param" -> smoothed sensitivity Ī
         self.unc: dict[str, torch.Tensor] = {}     # "layer.param" -> uncertainty Ū
         self.n_steps = 0
         self.frozen = False
+        self.n_skipped, self.last_skipped = 0, []
         self.rank_history = [{"step": 0, "ranks": self.ranks()}]
+
+    def _check_total_steps(self, total_steps) -> int:
+        """T of the budget schedule: a positive int that leaves a pruning phase after tinit + tfinal."""
+        c = self.config
+        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
+            raise ValueError(f"AdaLoRAAllocator: total_steps must be a positive int (the budget schedule needs "
+                             f"T), got {total_steps!r}")
+        if c.tinit + c.tfinal >= total_steps:
+            raise ValueError(f"AdaLoRAAllocator: tinit + tfinal = {c.tinit + c.tfinal} leaves no pruning "
+                             f"phase in total_steps = {total_steps}")
+        return int(total_steps)
 
     def ranks(self) -> dict[str, int]:
         return {name: layer.active_rank for name, layer in self.layers}
@@ -111,20 +133,29 @@ class AdaLoRAAllocator:
     # --- importance -------------------------------------------------------------------------
     @torch.no_grad()
     def update_importance(self) -> None:
+        """One step of eqs. 8-10. All-or-nothing like the curvature tracker: if any sensitivity is
+        NaN/inf (an fp16 overflow step the GradScaler skips too), no EMA moves for any layer;
+        `n_skipped` counts such steps and `last_skipped` names the parameters of the latest."""
         b1, b2 = self.config.beta1, self.config.beta2
+        sens = {}
         for name, layer in self.layers:
             for pname in self.PARAMS:
                 p = getattr(layer, pname)
                 if p.grad is None:
                     continue
-                key = f"{name}.{pname}"
                 cur = (p.detach() * p.grad.detach()).abs()                     # I_t
-                cur = cur.to(torch.promote_types(cur.dtype, torch.float32))    # bf16/fp16 -> fp32
-                if key not in self.ipt or self.ipt[key].shape != cur.shape:
-                    self.ipt[key] = torch.zeros_like(cur)
-                    self.unc[key] = torch.zeros_like(cur)
-                self.ipt[key].mul_(b1).add_(cur, alpha=1 - b1)                 # Ī_t
-                self.unc[key].mul_(b2).add_((cur - self.ipt[key]).abs(), alpha=1 - b2)   # Ū_t
+                sens[f"{name}.{pname}"] = cur.to(torch.promote_types(cur.dtype, torch.float32))   # bf16 -> fp32
+        bad = [key for key, cur in sens.items() if not bool(torch.isfinite(cur).all())]
+        if bad:
+            self.n_skipped += 1
+            self.last_skipped = bad
+            return
+        for key, cur in sens.items():
+            if key not in self.ipt or self.ipt[key].shape != cur.shape:
+                self.ipt[key] = torch.zeros_like(cur)
+                self.unc[key] = torch.zeros_like(cur)
+            self.ipt[key].mul_(b1).add_(cur, alpha=1 - b1)                     # Ī_t
+            self.unc[key].mul_(b2).add_((cur - self.ipt[key]).abs(), alpha=1 - b2)   # Ū_t
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         """name -> (r,) scores S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)."""
@@ -181,9 +212,6 @@ class AdaLoRAAllocator:
     def after_step(self, step: int, model: nn.Module, optimizer) -> None:
         """After optimizer.step(): mask every ΔT steps of the middle phase; keep pruned Λ at zero."""
         c = self.config
-        if self.total_steps <= 0:
-            raise ValueError(f"AdaLoRAAllocator: total_steps must be set (the budget schedule needs T), "
-                             f"got {self.total_steps}")
         masked = False
         if not self.frozen and step >= c.tinit:
             if step >= self.total_steps - c.tfinal:
@@ -206,13 +234,34 @@ class AdaLoRAAllocator:
 
     def state_dict(self) -> dict:
         return {"n_steps": self.n_steps, "frozen": self.frozen, "total_steps": self.total_steps,
+                "n_skipped": self.n_skipped,
                 "ipt": {k: v.clone() for k, v in self.ipt.items()},
                 "unc": {k: v.clone() for k, v in self.unc.items()},
                 "rank_history": list(self.rank_history)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.n_steps, self.frozen = state["n_steps"], state["frozen"]
-        self.total_steps = state["total_steps"]
+        """Checks the whole state against the model first (ValueError naming the bad entry), then replaces."""
+        need = {"n_steps", "frozen", "total_steps", "ipt", "unc", "rank_history"}
+        if not isinstance(state, dict) or not need <= set(state):
+            raise ValueError(f"AdaLoRAAllocator.load_state_dict: expected a dict with {sorted(need)}, got "
+                             f"{state if not isinstance(state, dict) else sorted(state)!r}")
+        total = self._check_total_steps(state["total_steps"])
+        n = state["n_steps"]
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"AdaLoRAAllocator.load_state_dict: n_steps must be an int >= 0, got {n!r}")
+        shapes = {f"{name}.{p}": getattr(layer, p).shape for name, layer in self.layers for p in self.PARAMS}
+        for what in ("ipt", "unc"):
+            for key, value in state[what].items():
+                if key not in shapes:
+                    raise ValueError(f"AdaLoRAAllocator.load_state_dict: {what}[{key!r}] names no adapter "
+                                     f"parameter of the model; known: {sorted(shapes)}")
+                if not torch.is_tensor(value) or value.shape != shapes[key]:
+                    raise ValueError(f"AdaLoRAAllocator.load_state_dict: {what}[{key!r}] must be a tensor of "
+                                     f"shape {tuple(shapes[key])}, got {getattr(value, 'shape', value)!r}")
+        if set(state["ipt"]) != set(state["unc"]):
+            raise ValueError("AdaLoRAAllocator.load_state_dict: ipt and unc name different parameters")
+        self.n_steps, self.frozen, self.total_steps = int(n), bool(state["frozen"]), total
         self.ipt = {k: v.clone() for k, v in state["ipt"].items()}
         self.unc = {k: v.clone() for k, v in state["unc"].items()}
         self.rank_history = list(state["rank_history"])
+        self.n_skipped = int(state.get("n_skipped", 0))

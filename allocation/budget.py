@@ -9,6 +9,8 @@ Accounting (all plain integers; nothing here looks at a model):
 
     training bytes of n trainable parameters with AdamW
         n * (bytes(weight) + bytes(grad) + 2 * bytes(moment))    (m and v, Kingma & Ba 2015)
+    a total-memory budget as the rank controller's cap on those bytes
+        cap = total - (everything else the step holds)           adapter_cap_from_total
 
     base bytes of a frozen (out, in) weight at a bit width
         32 / 16 bit   out * in * bits / 8
@@ -30,6 +32,7 @@ never exceeds the budget and no layer below r_max could take one more rank.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -40,6 +43,7 @@ METHODS = ("lora", "sparse", "hira", "dora", "adalora")
 def cost_per_rank(in_features: int, out_features: int, method: str = "lora") -> int:
     """Parameters one more rank adds to a layer: a row of A and a column of B (and one Λ entry)."""
     _check_method(method)
+    _check_features(in_features, out_features, "cost_per_rank")
     return in_features + out_features + (1 if method == "adalora" else 0)
 
 
@@ -64,6 +68,8 @@ _DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2,
 def dtype_bytes(dtype) -> int:
     """Bytes per element of a dtype given as a torch.dtype, a name ("bf16") or a number of bytes."""
     if isinstance(dtype, int) and not isinstance(dtype, bool):
+        if dtype < 1:
+            raise ValueError(f"dtype_bytes: a number of bytes must be >= 1, got {dtype}")
         return dtype
     itemsize = getattr(dtype, "itemsize", None)          # torch.dtype has .itemsize
     if isinstance(itemsize, int):
@@ -75,11 +81,29 @@ def dtype_bytes(dtype) -> int:
     return _DTYPE_BYTES[name]
 
 
-def training_bytes(n_params: int, dtype="float32", moment_dtype=None) -> int:
-    """Bytes n trainable parameters occupy under AdamW: weight + grad + the two moments."""
+def adamw_bytes(n_params: int, dtype="float32", moment_dtype=None) -> dict[str, int]:
+    """The parts of `training_bytes`: {"weights", "grads", "moments"} (m and v: 2 per parameter)."""
     w = dtype_bytes(dtype)
     m = dtype_bytes(moment_dtype) if moment_dtype is not None else w
-    return n_params * (2 * w + 2 * m)
+    return {"weights": n_params * w, "grads": n_params * w, "moments": 2 * n_params * m}
+
+
+def training_bytes(n_params: int, dtype="float32", moment_dtype=None) -> int:
+    """Bytes n trainable parameters occupy under AdamW: weight + grad + the two moments."""
+    return sum(adamw_bytes(n_params, dtype, moment_dtype).values())
+
+
+def adapter_cap_from_total(total_bytes: int, other_bytes: int) -> int:
+    """The rank controller's `memory_cap_bytes` (adapter training bytes) under a total budget.
+
+    other_bytes: everything else a training step holds at its peak (base weights, activations,
+    logits, ...; trainers.plan counts it with the same formulas). Counting the adapters'
+    gradients in the cap as well keeps the whole step under `total_bytes`, whether the peak
+    comes while activations are alive (no adapter gradients yet) or after (all of them)."""
+    if total_bytes <= other_bytes:
+        raise ValueError(f"adapter_cap_from_total: total_bytes={total_bytes} leaves nothing for the adapters; "
+                         f"the rest of the step already needs other_bytes={other_bytes}")
+    return int(total_bytes - other_bytes)
 
 
 def base_bits_per_param(bits: int) -> float:
@@ -96,6 +120,7 @@ def base_bits_per_param(bits: int) -> float:
 def base_bytes(in_features: int, out_features: int, bits: int, *, blocksize: int = 64,
                dq_blocks: int = 256) -> int:
     """Bytes of a frozen (out, in) base weight at `bits` (bias not included)."""
+    _check_features(in_features, out_features, "base_bytes")
     n = in_features * out_features
     if bits in (16, 32):
         return n * bits // 8
@@ -105,6 +130,12 @@ def base_bytes(in_features: int, out_features: int, bits: int, *, blocksize: int
         n_blocks = math.ceil(n / blocksize)
         return math.ceil(n / 2) + n_blocks + 4 * math.ceil(n_blocks / dq_blocks) + 4
     raise ValueError(f"base_bytes: bits must be 4, 8, 16 or 32, got {bits}")
+
+
+def _check_features(in_features, out_features, where: str) -> None:
+    for what, v in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{where}: {what} must be a positive int, got {v!r}")
 
 
 def _check_method(method: str) -> None:

@@ -12,8 +12,10 @@ moments, allocation.budget.training_bytes) is never above `memory_cap_bytes`.
 The plan is checked against the accounting first (grows are trimmed, least
 curved first, until it fits); then the change is applied for real, the bytes
 are measured from the live parameters, and if they are over the cap everything
-is rolled back to the snapshot of the last allocation within the cap (factors,
-buffers, scaling and optimizer state, bit for bit). Ranks stay <= min(in, out).
+is rolled back to the snapshot of the last allocation within the cap (the same
+Parameter objects with their factors and gradients, buffers, scaling and optimizer
+state, bit for bit); a resize that fails on the way is rolled back the same way
+before the error goes on. Ranks stay <= min(in, out).
 
 Optimizer state is carried over, never reset. With the product s B A the
 gradients are g_A = s B^T G and g_B = s G A^T, where G = dL/d(ΔW) (out, in),
@@ -48,6 +50,8 @@ first-moment rule (`momentum_buffer`) or the second-moment rule (names with "sq"
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +59,7 @@ import torch.nn as nn
 
 from allocation.allocator import check_stepped, current_ranks
 from allocation.budget import adapter_params, training_bytes
-from allocation.curvature import CurvatureTracker
+from allocation.curvature import SIGNALS, CurvatureTracker
 from lora.model import adapter_layers
 
 
@@ -70,6 +74,27 @@ class ControllerConfig:
     memory_cap_bytes: int | None = None    # hard cap on adapter training bytes (None: no cap)
     beta: float = 0.9                      # curvature EMA factor
     signal: str = "grad_sq"                # "grad_sq" or "secant" (allocation.curvature)
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Every option where it enters, by name (RankController checks again: a config can be edited)."""
+        for name, low in (("interval", 1), ("warmup", 0), ("r_min", 1), ("rank_step", 1), ("n_change", 1)):
+            _check_int(f"ControllerConfig.{name}", getattr(self, name), low)
+        _check_int("ControllerConfig.r_max", self.r_max, self.r_min, "r_min")
+        if self.memory_cap_bytes is not None:
+            _check_int("ControllerConfig.memory_cap_bytes", self.memory_cap_bytes, 1, none=True)
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"ControllerConfig.beta must be in [0, 1), got {self.beta!r}")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"ControllerConfig.signal must be one of {SIGNALS}, got {self.signal!r}")
+
+
+def _check_int(what: str, value, low: int, low_name: str | None = None, none: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        bound = f">= {low_name} = {low}" if low_name else f">= {low}"
+        raise ValueError(f"{what} must be an int {bound}{' or None' if none else ''}, got {value!r}")
 
 
 def layer_method(layer: nn.Module) -> str:
@@ -104,6 +129,7 @@ def _move_param(optimizer, old: nn.Parameter, new: nn.Parameter) -> None:
 
 
 RANKED = ("lora_A", "lora_B")
+PLAIN = (bool, int, float, str, type(None))
 
 
 def _renew_parameters(layer: nn.Module, optimizer) -> None:
@@ -167,16 +193,55 @@ def resize_with_state(layer: nn.Module, new_rank: int, optimizer=None) -> None:
             lambda v: (ratio ** 2 * (v.to(work) @ Tt.square())).to(v.dtype))
 
 
+def snapshot_layer(layer: nn.Module, optimizer=None) -> dict:
+    """All a resize may change: each Parameter / buffer outside the base (the object itself,
+    a copy of its values and of its gradient), the plain attributes (scaling) and the
+    optimizer state of the Parameters."""
+    entries = []
+    for key, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+        if not key.startswith("base_layer."):
+            grad = t.grad.detach().clone() if isinstance(t, nn.Parameter) and t.grad is not None else None
+            entries.append((key, t, t.detach().clone(), grad))
+    opt = {}
+    if optimizer is not None:
+        for _, t, _, _ in entries:
+            if isinstance(t, nn.Parameter) and t in optimizer.state:
+                opt[t] = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[t].items()}
+    attrs = {k: v for k, v in vars(layer).items() if not k.startswith("_") and isinstance(v, PLAIN)}
+    return {"entries": entries, "attrs": attrs, "opt": opt}
+
+
+@torch.no_grad()
+def restore_layer(layer: nn.Module, snap: dict, optimizer=None) -> None:
+    """Put the snapshot's own objects back, holding their old values, gradients and optimizer
+    state (no SVD on the way: a resize back could not restore values). The old Parameter
+    objects keep their old shapes, so a graph still holding them stays consistent."""
+    for key, obj, data, grad in snap["entries"]:
+        owner_name, _, attr = key.rpartition(".")
+        owner = layer.get_submodule(owner_name) if owner_name else layer
+        current = getattr(owner, attr)
+        obj.data = data
+        if isinstance(obj, nn.Parameter):
+            obj.grad = grad
+            if current is not obj:
+                setattr(owner, attr, obj)
+                _move_param(optimizer, current, obj)
+            if optimizer is not None:
+                optimizer.state.pop(obj, None)
+                if obj in snap["opt"]:
+                    optimizer.state[obj] = snap["opt"][obj]
+        elif current is not obj:
+            owner._buffers[attr] = obj
+    for key, value in snap["attrs"].items():
+        setattr(layer, key, value)
+
+
 class RankController:
     """Grows/shrinks adapter ranks by score under a hard cap on adapter training bytes."""
 
     def __init__(self, model: nn.Module, config: ControllerConfig | None = None):
         self.config = config = config or ControllerConfig()
-        if config.r_min < 1 or config.r_min > config.r_max:
-            raise ValueError(f"RankController: need 1 <= r_min <= r_max, got {config.r_min}, {config.r_max}")
-        if config.interval < 1 or config.rank_step < 1 or config.n_change < 1:
-            raise ValueError(f"RankController: interval, rank_step and n_change must be >= 1, got "
-                             f"{config.interval}, {config.rank_step}, {config.n_change}")
+        config.check()
         self.layers = adapter_layers(model)
         if not self.layers:
             raise ValueError("RankController: the model has no adapter layers (add_lora_to_model first)")
@@ -208,39 +273,6 @@ class RankController:
         return sum(training_bytes(p.numel(), p.dtype) for _, layer in self.layers
                    for p in layer.adapter_parameters())
 
-    def _snapshot(self, layer: nn.Module, optimizer) -> dict:
-        tensors = {k: v.detach().clone() for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
-        opt = {}
-        if optimizer is not None:
-            for name in RANKED:
-                p = getattr(layer, name)
-                if p in optimizer.state:
-                    opt[name] = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
-        return {"rank": layer.rank, "scaling": layer.scaling, "tensors": tensors, "opt": opt}
-
-    @torch.no_grad()
-    def _restore(self, layer: nn.Module, snap: dict, optimizer) -> None:
-        """Put back the exact tensors of the snapshot as fresh Parameters/buffers (no SVD on the way:
-        a resize back could not restore values, and cannot shrink to a rank above min(out, in))."""
-        for key, value in snap["tensors"].items():
-            owner_name, _, attr = key.rpartition(".")
-            owner = layer.get_submodule(owner_name) if owner_name else layer
-            old = getattr(owner, attr)
-            if isinstance(old, nn.Parameter):
-                new = nn.Parameter(value.clone(), requires_grad=old.requires_grad)
-                setattr(owner, attr, new)
-                _move_param(optimizer, old, new)
-            else:
-                setattr(owner, attr, value.clone())
-        layer.scaling = snap["scaling"]
-        if optimizer is not None:
-            for name in RANKED:
-                p = getattr(layer, name)
-                if name in snap["opt"]:
-                    optimizer.state[p] = snap["opt"][name]
-                else:
-                    optimizer.state.pop(p, None)
-
     def apply_ranks(self, new_ranks: dict[str, int], optimizer=None) -> bool:
         """Resize layers to `new_ranks` (shrinks first), carrying optimizer state.
 
@@ -259,13 +291,18 @@ class RankController:
                                  f"(min(in, out), or the layer's current rank if larger), got {r!r}")
         changes = [(n, r) for n, r in new_ranks.items() if r != by_name[n].rank]
         changes.sort(key=lambda nr: nr[1] - by_name[nr[0]].rank)               # shrinks first
-        snaps = {n: self._snapshot(by_name[n], optimizer) for n, _ in changes}
-        for n, r in changes:
-            resize_with_state(by_name[n], r, optimizer)
+        snaps = {n: snapshot_layer(by_name[n], optimizer) for n, _ in changes}
+        try:
+            for n, r in changes:
+                resize_with_state(by_name[n], r, optimizer)
+        except BaseException:           # all-or-nothing: a failed resize puts every layer back
+            for n, _ in changes:
+                restore_layer(by_name[n], snaps[n], optimizer)
+            raise
         cap = self.config.memory_cap_bytes
         if cap is not None and self.adapter_bytes() > cap:
             for n, _ in changes:
-                self._restore(by_name[n], snaps[n], optimizer)
+                restore_layer(by_name[n], snaps[n], optimizer)
             self.n_rollbacks += 1
             return False
         return True
@@ -282,6 +319,13 @@ class RankController:
         c = self.config
         ranks = self.ranks()
         names = [n for n, _ in self.layers]
+        unknown = sorted(set(scores) - set(names))
+        if unknown:
+            raise ValueError(f"RankController.plan: scores name unknown layers {unknown}")
+        bad = {n: v for n, v in scores.items()
+               if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"RankController.plan: scores must be finite numbers, got {bad}")
         low = min(scores.values(), default=0.0)
         order = sorted(range(len(names)), key=lambda i: (-scores.get(names[i], low), i))   # stable
         top = {n: min(c.r_max, layer.in_features, layer.out_features) for n, layer in self.layers}
@@ -349,7 +393,18 @@ class CurvatureRankAllocator:
                 "rank_history": list(self.rank_history), "n_rollbacks": self.controller.n_rollbacks}
 
     def load_state_dict(self, state: dict) -> None:
-        self.n_steps = state["n_steps"]
-        self.tracker.load_state_dict(state["tracker"])
-        self.controller.rank_history = list(state["rank_history"])
-        self.controller.n_rollbacks = state.get("n_rollbacks", 0)
+        """Checks the whole state first (ValueError naming the bad entry), then replaces."""
+        if not isinstance(state, dict) or not {"n_steps", "tracker", "rank_history"} <= set(state):
+            raise ValueError(f"{self.name}.load_state_dict: expected a dict with n_steps, tracker and "
+                             f"rank_history, got {state if not isinstance(state, dict) else sorted(state)!r}")
+        _check_int(f"{self.name} state n_steps", state["n_steps"], 0)
+        _check_int(f"{self.name} state n_rollbacks", state.get("n_rollbacks", 0), 0)
+        history = state["rank_history"]
+        if not isinstance(history, list) or not all(isinstance(h, dict) and {"step", "ranks"} <= set(h)
+                                                    for h in history):
+            raise ValueError(f"{self.name}.load_state_dict: rank_history must be a list of {{step, ranks}} dicts")
+        tracker = CurvatureTracker(self.config.beta, self.config.signal)
+        tracker.load_state_dict(state["tracker"])                       # validates; replaces only the new one
+        self.tracker, self.n_steps = tracker, int(state["n_steps"])
+        self.controller.rank_history = list(history)
+        self.controller.n_rollbacks = int(state.get("n_rollbacks", 0))

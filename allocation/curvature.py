@@ -57,7 +57,13 @@ class EMA:
 
 
 class CurvatureTracker:
-    """Per-layer EMA of a curvature signal computed from the adapter gradients already present."""
+    """Per-layer EMA of a curvature signal computed from the adapter gradients already present.
+
+    A step is all-or-nothing: every layer's signal is computed first, and if any is NaN or
+    inf (an fp16 overflow step, which the GradScaler skips as well, or a broken gradient)
+    the tracker skips the whole step: no EMA and no secant memory changes, for any layer.
+    `n_skipped` counts such steps and `last_skipped` names the layers of the latest one.
+    """
 
     def __init__(self, beta: float = 0.9, signal: str = "grad_sq"):
         if signal not in SIGNALS:
@@ -67,11 +73,14 @@ class CurvatureTracker:
         self.signal = signal
         self.emas: dict[str, EMA] = {}
         self._prev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (g, θ) flattened
+        self.n_skipped = 0
+        self.last_skipped: list[str] = []
 
     @torch.no_grad()
     def update(self, layers: Iterable[tuple[str, nn.Module]]) -> dict[str, float]:
-        """Read the gradients of each (name, adapter layer); return this step's raw signals."""
-        raw = {}
+        """Read the gradients of each (name, adapter layer); return this step's raw signals
+        ({} when the step is skipped for a non-finite signal, see the class docstring)."""
+        raw, prev, bad = {}, {}, []
         for name, layer in layers:
             params = [p for p in layer.adapter_parameters() if p.grad is not None]
             if not params:
@@ -80,18 +89,30 @@ class CurvatureTracker:
                 n = sum(p.numel() for p in params)
                 s = sum(float(p.grad.float().pow(2).sum()) for p in params) / n
             else:
-                s = self._secant(name, params)
+                g = torch.cat([p.grad.detach().float().flatten() for p in params])
+                theta = torch.cat([p.detach().float().flatten() for p in params])
+                if not bool(torch.isfinite(g).all() and torch.isfinite(theta).all()):
+                    bad.append(name)
+                    continue
+                prev[name] = (g, theta)
+                s = self._secant(self._prev.get(name), g, theta)
                 if s is None:
                     continue
-            raw[name] = s
+            if math.isfinite(s):
+                raw[name] = s
+            else:
+                bad.append(name)
+        if bad:
+            self.n_skipped += 1
+            self.last_skipped = bad
+            return {}
+        self._prev.update(prev)
+        for name, s in raw.items():
             self.emas.setdefault(name, EMA(self.beta)).update(s)
         return raw
 
-    def _secant(self, name: str, params: list[nn.Parameter]) -> float | None:
-        g = torch.cat([p.grad.detach().float().flatten() for p in params])
-        theta = torch.cat([p.detach().float().flatten() for p in params])
-        prev = self._prev.get(name)
-        self._prev[name] = (g, theta)
+    @staticmethod
+    def _secant(prev, g: torch.Tensor, theta: torch.Tensor) -> float | None:
         if prev is None or prev[0].shape != g.shape:        # first step, or resized since
             return None
         step = (theta - prev[1]).norm()
@@ -103,14 +124,25 @@ class CurvatureTracker:
         return {name: ema.value for name, ema in self.emas.items()}
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "signal": self.signal,
+        return {"beta": self.beta, "signal": self.signal, "n_skipped": self.n_skipped,
                 "emas": {k: (e.value, e.count) for k, e in self.emas.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.beta, self.signal = state["beta"], state["signal"]
-        self.emas = {}
-        for k, (value, count) in state["emas"].items():
-            ema = EMA(self.beta)
-            ema.value, ema.count = value, count
-            self.emas[k] = ema
-        self._prev = {}
+        """Checks the whole state first (ValueError naming the bad entry), then replaces."""
+        if not isinstance(state, dict) or not {"beta", "signal", "emas"} <= set(state):
+            raise ValueError(f"CurvatureTracker.load_state_dict: expected a dict with beta, signal and emas, "
+                             f"got {state if not isinstance(state, dict) else sorted(state)!r}")
+        fresh = CurvatureTracker(state["beta"], state["signal"])        # validates beta and signal
+        if not isinstance(state["emas"], dict):
+            raise ValueError(f"CurvatureTracker.load_state_dict: emas must be a dict, got {type(state['emas'])}")
+        for k, entry in state["emas"].items():
+            value, count = entry if isinstance(entry, (tuple, list)) and len(entry) == 2 else (None, None)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"CurvatureTracker.load_state_dict: emas[{k!r}] must be (finite value, count >= 1), "
+                                 f"got {entry!r}")
+            ema = EMA(fresh.beta)
+            ema.value, ema.count = float(value), count
+            fresh.emas[k] = ema
+        fresh.n_skipped = int(state.get("n_skipped", 0))
+        self.__dict__.update(fresh.__dict__)

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from allocation.budget import cost_per_rank, fixed_params, ranks_from_scores
-from lora.base import module_device
+from lora.base import in_out_features, module_device
 
 
 @dataclass
@@ -61,6 +61,8 @@ def hutchinson_traces(loss_fn: Callable[[int], Tensor], params: Mapping[str, Ten
     if min_samples < 2 or max_samples < min_samples:
         raise ValueError(f"hutchinson_traces: need 2 <= min_samples <= max_samples, "
                          f"got {min_samples}, {max_samples}")
+    if not tol >= 0:
+        raise ValueError(f"hutchinson_traces: tol must be >= 0, got {tol!r}")
     names = list(params)
     tensors = [params[k] for k in names]
     for k, p in zip(names, tensors):
@@ -183,9 +185,15 @@ def sensitivity_ranks(traces: Mapping[str, TraceEstimate | float], shapes: Mappi
 
 
 def module_shapes(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:
-    """name -> (in_features, out_features) of Linear-like modules (or an adapter's base)."""
+    """name -> (in_features, out_features) of Linear-like modules (a Conv1D's nx, nf), or adapters."""
     modules = dict(model.named_modules())
-    return {n: (int(modules[n].in_features), int(modules[n].out_features)) for n in names}
+    shapes = {}
+    for n in names:
+        try:
+            shapes[n] = in_out_features(modules[n])
+        except (KeyError, AttributeError):
+            raise ValueError(f"module_shapes: no Linear-like module named {n!r} in the model") from None
+    return shapes
 
 
 def adapter_budget_params(shapes: Mapping[str, tuple[int, int]], rank: int, method: str = "lora") -> int:

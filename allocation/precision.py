@@ -38,6 +38,10 @@ def choose_precision(scores: Mapping[str, float], shapes: Mapping[str, tuple[int
     vals = [float(scores[n]) for n in names]
     if any(math.isnan(v) or math.isinf(v) for v in vals):
         raise ValueError(f"choose_precision: scores must be finite, got {vals}")
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or math.isnan(budget_bytes):
+        raise ValueError(f"choose_precision: budget_bytes must be a number of bytes, got {budget_bytes!r}")
+    if high_bits <= low_bits:
+        raise ValueError(f"choose_precision: high_bits must be above low_bits, got {high_bits} and {low_bits}")
     low = {n: base_bytes(*shapes[n], low_bits) for n in names}
     high = {n: base_bytes(*shapes[n], high_bits) for n in names}
     used = sum(low.values())

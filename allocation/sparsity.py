@@ -8,6 +8,9 @@ entries at zero even though Adam's momentum would move them.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch.nn as nn
 
 from allocation.allocator import check_stepped
@@ -26,6 +29,15 @@ class SparsityAllocator:
         self.layers = [m for _, m in adapter_layers(model) if isinstance(m, SparseLoRALinear)]
         if not self.layers:
             raise ValueError("SparsityAllocator: the model has no SparseLoRALinear layers")
+        # Refused here, by name, rather than by the pruning schedule many steps into the run.
+        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
+            raise ValueError(f"SparsityAllocator: total_steps must be a positive int, got {total_steps!r}")
+        if isinstance(final_sparsity, bool) or not isinstance(final_sparsity, numbers.Real) \
+                or not 0.0 <= final_sparsity < 1.0:
+            raise ValueError(f"SparsityAllocator: final_sparsity must be in [0, 1) (1 would prune every entry), "
+                             f"got {final_sparsity!r}")
+        if isinstance(l1, bool) or not isinstance(l1, numbers.Real) or not (math.isfinite(l1) and l1 >= 0):
+            raise ValueError(f"SparsityAllocator: l1 must be a finite number >= 0, got {l1!r}")
         self.total_steps, self.final_sparsity, self.l1 = total_steps, final_sparsity, l1
         self.start, self.end = total_steps // 10, max(total_steps // 10 + 1, (7 * total_steps) // 10)
         self.n_steps, self.rank_history = 0, []
@@ -53,4 +65,7 @@ class SparsityAllocator:
         return {"n_steps": self.n_steps}       # the masks are adapter buffers: the checkpoint has them
 
     def load_state_dict(self, state: dict) -> None:
-        self.n_steps = state["n_steps"]
+        n = state.get("n_steps") if isinstance(state, dict) else None
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"SparsityAllocator.load_state_dict: expected {{'n_steps': int >= 0}}, got {state!r}")
+        self.n_steps = int(n)

@@ -7,6 +7,10 @@ from lora.hira import HiRALinear
 from lora.layers import LoRALinear
 from lora.sparse import SparseLoRALinear, cubic_sparsity
 from lora.model import (LoraConfig, adapter_layers, add_lora_to_model, count_parameters, lora_state_dict,
-                        mark_only_lora_as_trainable, merge_adapters, merge_lora_weights, unmerge_lora_weights)
+                        mark_only_lora_as_trainable, merge_adapters, merge_lora_weights, remembered_config,
+                        unmerge_lora_weights)
 from lora.adapter_io import load_adapter, save_adapter
 from lora.svd import SVDLoRALinear
+
+# loralib's name for the class every adapter layer derives from (there, `LoRALayer`; here, AdapterLayer).
+LoRALayer = AdapterLayer

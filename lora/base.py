@@ -4,9 +4,17 @@ An adapter wraps a frozen base layer and adds a trainable correction
 
     y = base_layer(x) + delta(x)
 
-The base may be an `nn.Linear` or a quantized Linear-like layer (anything with
-`in_features`, `out_features` and `dequantize()`); the adapter only calls
-`base_layer(x)` and, when it needs W0, `base_weight(base_layer)`.
+The base may be an `nn.Linear`, a quantized Linear-like layer (anything with
+`in_features`, `out_features` and `dequantize()`) or a transformers `Conv1D` (Hugging
+Face GPT-2's projections: y = x W + b with W stored (in, out)); the adapter only
+calls `base_layer(x)` and, when it needs W0, `base_weight(base_layer)`.
+
+Weight layout, in one place: every adapter works with W0 as (out, in), whatever the
+base stores. `weight_layout(base)` tells "out_in" (nn.Linear, dequantize()) from
+"in_out" (Conv1D, PEFT's `fan_in_fan_out=True`), and `base_weight` returns, for the
+latter, the transposed VIEW `weight.t()`: no copy, and an in-place write into it
+(merge, unmerge, PiSSA's residual) lands in the base's own (in, out) storage. The
+factors keep their shapes, `lora_A` (r, in) and `lora_B` (out, r), as in PEFT.
 
 Dtypes: the adapter's parameters have their own dtype (by default the base
 weight's). The delta is computed in that dtype and the sum is returned in the
@@ -23,6 +31,7 @@ factor); carried-over Adam moments for B are then off by the same constant facto
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -36,9 +45,19 @@ QUANTIZED_MERGE_ERROR = (
     "to build a new quantized layer from the merged weight")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """A transformers-style `Conv1D` (GPT-2): int `nx` (in) and `nf` (out) and a weight (nx, nf).
+
+    Duck typing, so lora never imports transformers (quantization.layers has the same rule)."""
+    nx, nf, weight = getattr(module, "nx", None), getattr(module, "nf", None), getattr(module, "weight", None)
+    return (not isinstance(module, nn.Linear) and isinstance(nx, int) and isinstance(nf, int)
+            and isinstance(weight, Tensor) and tuple(weight.shape) == (nx, nf))
+
+
 def is_linear_like(module: nn.Module) -> bool:
-    """An `nn.Linear`, or a quantized stand-in (in_features, out_features, dequantize())."""
-    if isinstance(module, nn.Linear):
+    """An `nn.Linear`, a Conv1D (see `is_conv1d`), or a quantized stand-in
+    (in_features, out_features, dequantize())."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
     return (hasattr(module, "in_features") and hasattr(module, "out_features")
             and callable(getattr(module, "dequantize", None)))
@@ -48,15 +67,28 @@ def is_quantized(module: nn.Module) -> bool:
     return not isinstance(module, nn.Linear) and callable(getattr(module, "dequantize", None))
 
 
+def weight_layout(base: nn.Module) -> str:
+    """"in_out" for a Conv1D (weight stored (in, out), PEFT's fan_in_fan_out), else "out_in"."""
+    return "in_out" if is_conv1d(base) else "out_in"
+
+
+def in_out_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear-like base (a Conv1D's nx, nf)."""
+    if is_conv1d(base):
+        return int(base.nx), int(base.nf)
+    return int(base.in_features), int(base.out_features)
+
+
 def base_weight(base: nn.Module) -> Tensor:
-    """The (out, in) weight of a base layer: `base.dequantize()` for quantized layers, else `base.weight`."""
-    if callable(getattr(base, "dequantize", None)) and not isinstance(base, nn.Linear):
+    """The (out, in) weight of a base layer: `base.dequantize()` for quantized layers, a
+    Conv1D's `weight.t()` (a view of its (in, out) storage, no copy), else `base.weight`."""
+    if is_quantized(base):
         return base.dequantize()
     weight = getattr(base, "weight", None)
     if not isinstance(weight, Tensor):
-        raise TypeError(f"base_weight: expected an nn.Linear or a layer with dequantize(), "
+        raise TypeError(f"base_weight: expected an nn.Linear, a Conv1D or a layer with dequantize(), "
                         f"got {type(base).__name__} without a weight tensor")
-    return weight
+    return weight.t() if weight_layout(base) == "in_out" else weight
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -69,10 +101,51 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+# --- argument checks: each names who asks, the argument, what is expected and what was given ------
 def check_rank(rank, who: str = "adapter") -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"{who}: rank must be a positive int, got {rank!r}")
     return rank
+
+
+def check_alpha(alpha, what: str):
+    """`what` ("LoRALinear: alpha", "LoraConfig.lora_alpha") must be a finite number > 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {alpha!r}")
+    return alpha
+
+
+def check_dropout(p, what: str) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{what} must be in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_flag(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def check_dtype(dtype, who: str) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{who}: dtype must be None or a floating-point torch.dtype, got {dtype!r}")
+
+
+def check_finite(t: Tensor, what: str) -> None:
+    """Refuse a tensor holding NaN or +-inf, naming it, how many and the first position."""
+    bad = ~torch.isfinite(t.detach())
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{what} has {int(bad.sum())} non-finite entries of {t.numel()} "
+                         f"(first at index {first}: {t[first].item()})")
+
+
+def check_base(base_layer, who: str) -> None:
+    if not isinstance(base_layer, nn.Module) or not is_linear_like(base_layer):
+        raise TypeError(f"{who}: base_layer must be an nn.Linear, a Conv1D (nx, nf, weight (nx, nf)) or a "
+                        f"Linear-like quantized layer (in_features, out_features, dequantize()), "
+                        f"got {type(base_layer).__name__}")
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -135,34 +208,51 @@ def resized_low_rank(A: Tensor, B: Tensor, new_rank: int) -> tuple[Tensor, Tenso
     return A_new, B_new
 
 
-def _set_data(param: nn.Parameter, data: Tensor) -> None:
-    """Swap a Parameter's storage, keeping the object (optimizers keep referencing it)."""
-    param.data = data.contiguous()
-    param.grad = None   # an old-shaped gradient cannot be accumulated into the new shape
+def _set_data(*pairs: tuple[nn.Parameter, Tensor]) -> None:
+    """Swap the storage of each (Parameter, new data), keeping the objects (optimizers keep
+    referencing them) and clearing `.grad` (an old-shaped gradient cannot be accumulated into
+    the new shape). All or none: if one swap fails, the earlier ones are put back."""
+    new = [(param, data.contiguous()) for param, data in pairs]
+    old = [(param, param.data, param.grad) for param, _ in new]
+    try:
+        for param, data in new:
+            _assign(param, data)
+    except BaseException:
+        for param, data, grad in old:
+            param.data, param.grad = data, grad
+        raise
+
+
+def _assign(param: nn.Parameter, data: Tensor) -> None:
+    param.data = data
+    param.grad = None
 
 
 class AdapterLayer(nn.Module):
     """Common base of the adapter layers: a frozen `base_layer` plus a trainable correction.
 
     Subclasses define `get_delta_weight()` (out, in) and `forward`. `merge()` adds
-    the delta into an `nn.Linear` base in place, remembering the original weight
-    so `unmerge()` restores it bit-for-bit; merging is always an explicit call.
+    the delta into a float base (nn.Linear, or a Conv1D through its transposed view)
+    in place, remembering the original weight so `unmerge()` restores it bit-for-bit;
+    merging is always an explicit call.
+
+    All-or-nothing: a subclass checks every argument of its own (and reads whatever it
+    needs from W0) BEFORE calling `AdapterLayer.__init__`, the first step that changes
+    the base (it freezes it), so a rejected constructor leaves the base layer untouched.
     """
 
     def __init__(self, base_layer: nn.Module, *, dtype: torch.dtype | None = None):
         super().__init__()
-        if not isinstance(base_layer, nn.Module) or not is_linear_like(base_layer):
-            raise TypeError(f"{type(self).__name__}: base_layer must be an nn.Linear or a Linear-like "
-                            f"quantized layer (in_features, out_features, dequantize()), "
-                            f"got {type(base_layer).__name__}")
+        check_base(base_layer, type(self).__name__)
+        check_dtype(dtype, type(self).__name__)
+        factory = self._factory_kwargs(base_layer, dtype)
         self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
-        self.in_features = int(base_layer.in_features)
-        self.out_features = int(base_layer.out_features)
+        self.in_features, self.out_features = in_out_features(base_layer)
         self.merged = False
         self._original_weight: Tensor | None = None  # set while merged
-        self._factory = self._factory_kwargs(base_layer, dtype)
+        self._factory = factory
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
 
     @staticmethod
     def _factory_kwargs(base: nn.Module, dtype: torch.dtype | None) -> dict:
@@ -171,7 +261,7 @@ class AdapterLayer(nn.Module):
         device = tensors[0].device if tensors else None
         if dtype is None:
             weight = getattr(base, "weight", None)
-            if isinstance(base, nn.Linear) and weight.is_floating_point():
+            if not is_quantized(base) and isinstance(weight, Tensor) and weight.is_floating_point():
                 dtype = weight.dtype
             else:
                 dtype = getattr(base, "compute_dtype", None) or torch.float32
@@ -186,7 +276,7 @@ class AdapterLayer(nn.Module):
         return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
 
     def _check_mergeable(self) -> None:
-        if is_quantized(self.base_layer) or not isinstance(self.base_layer, nn.Linear):
+        if is_quantized(self.base_layer):
             raise RuntimeError(QUANTIZED_MERGE_ERROR.format(kind=type(self.base_layer).__name__))
 
     def frozen_weight(self) -> Tensor:
@@ -206,20 +296,20 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return
         self._check_mergeable()
-        weight = self.base_layer.weight
+        weight = base_weight(self.base_layer)  # (out, in); a Conv1D's transposed view, written through
         new_weight = self.merged_weight()
-        self._original_weight = weight.detach().clone()
+        check_finite(new_weight, f"{type(self).__name__}.merge: the merged weight W0 + delta W")
+        original = weight.detach().clone()
         weight.copy_(new_weight)
-        self.merged = True
+        self._original_weight, self.merged = original, True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weight saved by `merge()` (bit-exact)."""
         if not self.merged:
             return
-        self.base_layer.weight.copy_(self._original_weight)
-        self._original_weight = None
-        self.merged = False
+        base_weight(self.base_layer).copy_(self._original_weight)
+        self._original_weight, self.merged = None, False
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"
@@ -234,13 +324,10 @@ class LowRankAdapter(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, *, rank: int = 8, alpha: float = 16,
                  dropout: float = 0.0, use_rslora: bool = False, dtype: torch.dtype | None = None):
-        super().__init__(base_layer, dtype=dtype)
-        name = type(self).__name__
-        check_rank(rank, name)
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
+        self.check_arguments(type(self).__name__, rank, alpha, dropout, use_rslora)
+        super().__init__(base_layer, dtype=dtype)                           # checks base, dtype; freezes
         self.alpha = alpha
-        self.use_rslora = bool(use_rslora)
+        self.use_rslora = use_rslora
         self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.dropout_p = float(dropout)
         # Dropout before A, as in PEFT; an Identity (never called) when p == 0.
@@ -249,6 +336,14 @@ class LowRankAdapter(AdapterLayer):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **self._factory))  # (out, r)
         with torch.no_grad():
             kaiming_rows_(self.lora_A)
+
+    @staticmethod
+    def check_arguments(who: str, rank, alpha, dropout, use_rslora) -> None:
+        """The low-rank arguments every subclass shares (subclasses call it before reading W0)."""
+        check_rank(rank, who)
+        check_alpha(alpha, f"{who}: alpha")
+        check_dropout(dropout, f"{who}: dropout")
+        check_flag(use_rslora, f"{who}: use_rslora")
 
     @property
     def rank(self) -> int:
@@ -273,11 +368,20 @@ class LowRankAdapter(AdapterLayer):
         training with `allocation.controller.resize_with_state`, which also moves
         the optimizer state and re-registers fresh Parameters.
         """
-        check_rank(new_rank, f"{type(self).__name__}.resize")
-        if self.merged:
-            raise RuntimeError(f"{type(self).__name__}.resize: unmerge() before changing the rank")
+        self._check_resizable(new_rank)
         A, B = resized_low_rank(self.lora_A.data, self.lora_B.data, new_rank)
         self._set_factors(A, B)
+
+    def _check_resizable(self, new_rank) -> None:
+        """What every resize checks before changing anything: the rank, not merged, finite factors
+        (an SVD of NaN factors fails halfway or spreads the NaN to every entry)."""
+        name = f"{type(self).__name__}.resize"
+        check_rank(new_rank, name)
+        if self.merged:
+            raise RuntimeError(f"{name}: unmerge() before changing the rank")
+        for pname, p in self.named_parameters():
+            if not pname.startswith("base_layer."):
+                check_finite(p, f"{name}: {pname}")
 
     @torch.no_grad()
     def _set_factors(self, A: Tensor, B: Tensor) -> None:
@@ -290,8 +394,7 @@ class LowRankAdapter(AdapterLayer):
         new_scaling = lora_scaling(self.alpha, new_rank, self.use_rslora)
         if new_scaling != self.scaling:
             B = (B.to(work_dtype(B)) * (self.scaling / new_scaling)).to(B.dtype)
-        _set_data(self.lora_A, A)
-        _set_data(self.lora_B, B)
+        _set_data((self.lora_A, A), (self.lora_B, B))
         self.scaling = new_scaling
 
     def extra_repr(self) -> str:

@@ -6,7 +6,22 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import LowRankAdapter, work_dtype
+from lora.base import LowRankAdapter, base_weight, check_base, check_dtype, check_finite, work_dtype
+
+
+@torch.no_grad()
+def magnitude_init(base_layer: nn.Module, dtype: torch.dtype, who: str = "DoRALinear") -> Tensor:
+    """m = ||W0|| per output row (out,), in `dtype`. Refuses a W0 with NaN or inf entries and
+    a zero row: its direction W0_i / ||W0_i|| is 0 / 0, so the layer would output NaN."""
+    W0 = base_weight(base_layer).to(dtype)                                  # (out, in)
+    check_finite(W0, f"{who}: the base weight W0 (in {dtype}; DoRA's magnitude is its row norms)")
+    norms = W0.float().norm(dim=1).to(dtype)                                # (out,)
+    check_finite(norms, f"{who}: the row norms of W0 in {dtype} (DoRA's magnitude)")
+    zero = (norms == 0).nonzero().flatten()
+    if zero.numel():
+        raise ValueError(f"{who}: W0 has {zero.numel()} all-zero rows (first: row {int(zero[0])}); DoRA "
+                         f"divides each row by its norm, so such a row has no direction")
+    return norms
 
 
 class DoRALinear(LowRankAdapter):
@@ -27,11 +42,13 @@ class DoRALinear(LowRankAdapter):
 
     def __init__(self, base_layer: nn.Module, *, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False, dtype=None):
+        name = type(self).__name__
+        self.check_arguments(name, rank, alpha, dropout, use_rslora)
+        check_base(base_layer, name)
+        check_dtype(dtype, name)
+        norms = magnitude_init(base_layer, self._factory_kwargs(base_layer, dtype)["dtype"], name)
         super().__init__(base_layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                          dtype=dtype)
-        with torch.no_grad():
-            W0 = self.frozen_weight().to(self.lora_A.dtype)
-            norms = W0.float().norm(dim=1).to(W0.dtype)                     # (out,)
         self.lora_magnitude = nn.Parameter(norms)
 
     @torch.no_grad()

@@ -2,11 +2,12 @@
 Adaptation for Large Language Models", ICLR 2025)."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lora.base import LowRankAdapter
+from lora.base import LowRankAdapter, base_weight, check_base, check_finite
 
 
 class HiRALinear(LowRankAdapter):
@@ -27,6 +28,11 @@ class HiRALinear(LowRankAdapter):
 
     def __init__(self, base_layer: nn.Module, *, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False, dtype=None):
+        name = type(self).__name__
+        self.check_arguments(name, rank, alpha, dropout, use_rslora)
+        check_base(base_layer, name)
+        with torch.no_grad():  # inf in W0 would give inf * 0 = NaN in delta W even at B = 0
+            check_finite(base_weight(base_layer), f"{name}: the base weight W0 (HiRA's update is s W0 ⊙ (B A))")
         super().__init__(base_layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                          dtype=dtype)
 

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lora.base import LowRankAdapter, check_rank
+from lora.base import LowRankAdapter, base_weight, check_base, check_finite, is_quantized, lora_scaling
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
 
@@ -14,7 +14,8 @@ LORA_INITS = ("kaiming", "gaussian", "pissa")
 class LoRALinear(LowRankAdapter):
     """y = W0 x + b + s * B A dropout(x)
 
-    W0 (out, in), b (out,)  frozen base layer (nn.Linear, or an 8/4-bit Linear-like layer)
+    W0 (out, in), b (out,)  frozen base layer (nn.Linear, a Conv1D seen through its transposed
+                            weight, or an 8/4-bit Linear-like layer; see lora.base)
     A  (r, in)              `lora_A`, kaiming-uniform(a=sqrt 5)   (init="kaiming", default)
                             or N(0, (1/r)^2) as PEFT              (init="gaussian")
     B  (out, r)             `lora_B`, zeros, so the layer starts as the base layer
@@ -23,10 +24,11 @@ class LoRALinear(LowRankAdapter):
     init="pissa" (PiSSA, Meng et al. 2024, arXiv:2404.02948): with W0 = U S V^T,
     s B A = U_r S_r V_r^T (the top-r singular directions, B = U_r sqrt(S_r/s),
     A = sqrt(S_r/s) V_r^T) and the residual W0 - s B A is written into the base,
-    so the output is unchanged at init. Needs an nn.Linear base.
+    so the output is unchanged at init. Needs a float base (nn.Linear or Conv1D).
 
     Built around a base layer, `LoRALinear(nn.Linear(768, 768), rank=8)`, or from
-    scratch, `LoRALinear(768, 768, rank=8, alpha=16, pretrained_weight=W, bias=b)`.
+    scratch, `LoRALinear(768, 768, rank=8, alpha=16, pretrained_weight=W, bias=b)`
+    (also `LoRALinear(in_features=768, out_features=768, ...)`).
 
     Speed: the textbook forward, base(x) + s (x A^T) B^T, costs the base matmul plus
     a full-size add (and a second input gradient to sum in backward). For a plain
@@ -35,22 +37,33 @@ class LoRALinear(LowRankAdapter):
     matmul each way, so training costs barely more than the frozen layer alone.
     """
 
-    def __init__(self, base_layer: nn.Module | int, out_features: int | None = None, *,
-                 rank: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming", pretrained_weight: Tensor | None = None, bias: Tensor | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, base_layer: nn.Module | int | None = None, out_features: int | None = None, *,
+                 in_features: int | None = None, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming", pretrained_weight: Tensor | None = None,
+                 bias: Tensor | None = None, dtype: torch.dtype | None = None):
+        if in_features is not None:       # the keyword form, LoRALinear(in_features=..., out_features=...)
+            if base_layer is not None:
+                raise TypeError("LoRALinear: give either a base layer or in_features=, not both")
+            base_layer = in_features
         if isinstance(base_layer, int) and not isinstance(base_layer, bool):
             base_layer = _linear_from_weights(base_layer, out_features, pretrained_weight, bias)
+        elif base_layer is None:
+            raise TypeError("LoRALinear: give a base layer, or in_features and out_features "
+                            "(with optional pretrained_weight=, bias=)")
         elif out_features is not None or pretrained_weight is not None or bias is not None:
             raise TypeError("LoRALinear: give either a base layer, or in_features, out_features "
                             "(with optional pretrained_weight=, bias=), not both")
         name = type(self).__name__
         if init not in LORA_INITS:
             raise ValueError(f"{name}: init must be one of {LORA_INITS}, got {init!r}")
-        check_rank(rank, name)
-        if init == "pissa" and not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"{name}: init='pissa' rewrites the base weight, so it needs an nn.Linear "
-                            f"base, got {type(base_layer).__name__}")
+        self.check_arguments(name, rank, alpha, dropout, use_rslora)
+        pissa = None
+        if init == "pissa":   # the SVD of W0 is taken before anything changes
+            check_base(base_layer, name)
+            if is_quantized(base_layer):
+                raise TypeError(f"{name}: init='pissa' rewrites the base weight, so it needs an nn.Linear "
+                                f"base or a Conv1D (a float weight), got {type(base_layer).__name__}")
+            pissa = pissa_factors(base_weight(base_layer), rank, lora_scaling(alpha, rank, use_rslora), name)
         super().__init__(base_layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                          dtype=dtype)
         self.init = init
@@ -60,19 +73,16 @@ class LoRALinear(LowRankAdapter):
             with torch.no_grad():
                 nn.init.normal_(self.lora_A, std=1.0 / rank)
         elif init == "pissa":
-            self._pissa_init()
+            self._pissa_init(*pissa)
 
     @torch.no_grad()
-    def _pissa_init(self) -> None:
-        W = self.base_layer.weight                                          # (out, in)
-        r = self.rank
-        if r > min(W.shape):
-            raise ValueError(f"LoRALinear: init='pissa' needs rank <= min(out, in) = {min(W.shape)}, got {r}")
-        U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
-        root = (S[:r] / self.scaling).sqrt()                                # s * B A = U_r S_r V_r^T
-        self.lora_B.copy_(U[:, :r] * root)                                  # (out, r)
-        self.lora_A.copy_(root[:, None] * Vh[:r])                           # (r, in)
-        W.copy_(W.float() - self.get_delta_weight().float())
+    def _pissa_init(self, A: Tensor, B: Tensor) -> None:
+        """Set the factors to PiSSA's and write the residual W0 - s B A into the base (last step)."""
+        self.lora_A.copy_(A)                                                # (r, in)
+        self.lora_B.copy_(B)                                                # (out, r)
+        W = base_weight(self.base_layer)                                    # (out, in), a view for Conv1D
+        residual = W.float() - ((self.lora_B @ self.lora_A) * self.scaling).float()   # (masks not yet built)
+        W.copy_(residual)
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         """The (A, B) the layer computes with (SparseLoRALinear returns them masked)."""
@@ -110,6 +120,19 @@ class LoRALinear(LowRankAdapter):
                 and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
                 and x.numel() >= self.in_features * self.in_features
                 and not _autocast_on(x.device.type))
+
+
+@torch.no_grad()
+def pissa_factors(W: Tensor, rank: int, scaling: float, who: str = "LoRALinear") -> tuple[Tensor, Tensor]:
+    """PiSSA's factors (A (r, in), B (out, r), float32) with s B A = U_r S_r V_r^T, the top-r
+    singular directions of W (out, in) (Meng et al. 2024). Refuses a rank above min(out, in)
+    and a W holding NaN or inf (the SVD would fail or spread it); changes nothing."""
+    if rank > min(W.shape):
+        raise ValueError(f"{who}: init='pissa' needs rank <= min(out, in) = {min(W.shape)}, got {rank}")
+    check_finite(W, f"{who}: init='pissa' takes the SVD of the base weight W0, which")
+    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    root = (S[:rank] / scaling).sqrt()                                      # s * B A = U_r S_r V_r^T
+    return root[:, None] * Vh[:rank], U[:, :rank] * root                    # (r, in), (out, r)
 
 
 class _FusedLoRA(torch.autograd.Function):

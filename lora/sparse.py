@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import check_rank, resized_low_rank
+from lora.base import check_finite, check_rank, resized_low_rank
 from lora.layers import LoRALinear
 
 
@@ -58,9 +58,19 @@ class SparseLoRALinear(LoRALinear):
         A, B = self._factors()
         return A.abs().sum() + B.abs().sum()
 
+    def _check_masks(self, who: str) -> None:
+        """Masks someone replaced must still fit the factors, or the second in-place product fails
+        after the first has changed A."""
+        for mname, mask, param in (("mask_A", self.mask_A, self.lora_A), ("mask_B", self.mask_B, self.lora_B)):
+            if mask.dtype != torch.bool or mask.shape != param.shape or mask.device != param.device:
+                raise ValueError(f"SparseLoRALinear.{who}: {mname} must be a bool tensor of shape "
+                                 f"{tuple(param.shape)} on {param.device}, got {mask.dtype} "
+                                 f"{tuple(mask.shape)} on {mask.device}")
+
     @torch.no_grad()
     def apply_masks_(self) -> None:
         """Zero the pruned entries of lora_A and lora_B in place (call after optimizer.step())."""
+        self._check_masks("apply_masks_")
         self.lora_A.mul_(self.mask_A)
         self.lora_B.mul_(self.mask_B)
 
@@ -70,13 +80,18 @@ class SparseLoRALinear(LoRALinear):
         zeros (already-pruned entries count, and masks never regrow)."""
         if not 0.0 <= float(sparsity) < 1.0:
             raise ValueError(f"SparseLoRALinear.prune_to: sparsity must be in [0, 1), got {sparsity!r}")
+        self._check_masks("prune_to")
+        new_masks = []   # both are computed before either changes
         for param, mask in ((self.lora_A, self.mask_A), (self.lora_B, self.mask_B)):
             n_prune = int(round(sparsity * mask.numel()))
-            if n_prune <= int((~mask).sum()):
-                continue
-            score = param.detach().abs().float().masked_fill(~mask, -1.0).flatten()  # pruned go first
-            drop = torch.topk(score, n_prune, largest=False).indices
-            mask.view(-1)[drop] = False
+            new_mask = mask.clone()
+            if n_prune > int((~mask).sum()):
+                score = param.detach().abs().float().masked_fill(~mask, -1.0).flatten()  # pruned go first
+                drop = torch.topk(score, n_prune, largest=False).indices
+                new_mask.view(-1)[drop] = False
+            new_masks.append(new_mask)
+        self.mask_A.copy_(new_masks[0])
+        self.mask_B.copy_(new_masks[1])
         self.apply_masks_()
 
     def component_importance(self) -> Tensor:
@@ -95,8 +110,10 @@ class SparseLoRALinear(LoRALinear):
             raise ValueError(f"SparseLoRALinear.prune_ranks: keep must be <= rank {self.rank}, got {keep}")
         if self.merged:
             raise RuntimeError("SparseLoRALinear.prune_ranks: unmerge() before changing the rank")
-        kept = torch.topk(self.component_importance(), keep).indices.sort().values
         A, B = self._factors()
+        check_finite(A, "SparseLoRALinear.prune_ranks: lora_A")   # NaN would rank as the most important
+        check_finite(B, "SparseLoRALinear.prune_ranks: lora_B")
+        kept = torch.topk(self.component_importance(), keep).indices.sort().values
         mask_A, mask_B = self.mask_A[kept], self.mask_B[:, kept]
         self._set_factors(A[kept], B[:, kept])
         self.mask_A, self.mask_B = mask_A.contiguous(), mask_B.contiguous()
@@ -106,20 +123,19 @@ class SparseLoRALinear(LoRALinear):
     def resize(self, new_rank: int) -> None:
         """As LowRankAdapter.resize. Growing keeps the masks and adds dense new components;
         shrinking (SVD of the update) gives dense factors, so the masks reset to all-ones."""
-        check_rank(new_rank, "SparseLoRALinear.resize")
-        if self.merged:
-            raise RuntimeError("SparseLoRALinear.resize: unmerge() before changing the rank")
+        self._check_resizable(new_rank)
         old = self.rank
         A, B = self._factors()
         A, B = resized_low_rank(A, B, new_rank)
-        self._set_factors(A, B)
         if new_rank >= old:
             grow = new_rank - old
-            self.mask_A = torch.cat([self.mask_A, self.mask_A.new_ones(grow, self.in_features)], dim=0)
-            self.mask_B = torch.cat([self.mask_B, self.mask_B.new_ones(self.out_features, grow)], dim=1)
+            mask_A = torch.cat([self.mask_A, self.mask_A.new_ones(grow, self.in_features)], dim=0)
+            mask_B = torch.cat([self.mask_B, self.mask_B.new_ones(self.out_features, grow)], dim=1)
         else:
-            self.mask_A = torch.ones_like(self.lora_A, dtype=torch.bool)
-            self.mask_B = torch.ones_like(self.lora_B, dtype=torch.bool)
+            mask_A = torch.ones(A.shape, dtype=torch.bool, device=A.device)
+            mask_B = torch.ones(B.shape, dtype=torch.bool, device=B.device)
+        self._set_factors(A, B)   # the last step that can fail: all-or-nothing itself
+        self.mask_A, self.mask_B = mask_A, mask_B
 
     def nonzeros(self) -> dict:
         """Counts of nonzero entries in the effective factors, and the density against dense LoRA."""

@@ -1,11 +1,14 @@
 """AdaLoRA's adapter: the update in SVD form P Λ Q (Zhang et al. 2023, arXiv:2303.10512)."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import LowRankAdapter, _set_data, check_rank, lora_scaling, product_svd, work_dtype
+from lora.base import LowRankAdapter, _set_data, lora_scaling, product_svd, work_dtype
 
 
 class SVDLoRALinear(LowRankAdapter):
@@ -27,6 +30,10 @@ class SVDLoRALinear(LowRankAdapter):
 
     def __init__(self, base_layer: nn.Module, *, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False, init_std: float = 0.02, dtype: torch.dtype | None = None):
+        self.check_arguments(type(self).__name__, rank, alpha, dropout, use_rslora)
+        if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) \
+                or not math.isfinite(init_std) or init_std <= 0:
+            raise ValueError(f"{type(self).__name__}: init_std must be a finite number > 0, got {init_std!r}")
         super().__init__(base_layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                          dtype=dtype)                        # lora_A, lora_B, scaling, dropout
         self.init_std = float(init_std)
@@ -59,9 +66,14 @@ class SVDLoRALinear(LowRankAdapter):
     @torch.no_grad()
     def set_mask(self, keep: Tensor) -> None:
         """Keep the triplets where `keep` (r,) is True; zero Λ of the others (and keep it zero)."""
-        keep = keep.to(device=self.rank_mask.device).bool().reshape(-1)
+        if not isinstance(keep, Tensor):
+            raise TypeError(f"SVDLoRALinear.set_mask: keep must be a tensor of {self.rank} booleans, "
+                            f"got {type(keep).__name__}")
         if keep.numel() != self.rank:
             raise ValueError(f"SVDLoRALinear.set_mask: expected {self.rank} entries, got {keep.numel()}")
+        if keep.dtype != torch.bool and not ((keep == 0) | (keep == 1)).all():
+            raise ValueError(f"SVDLoRALinear.set_mask: keep must hold booleans or 0/1, got {keep.tolist()}")
+        keep = keep.to(device=self.rank_mask.device).bool().reshape(-1)
         self.rank_mask.copy_(keep.to(self.rank_mask.dtype))
         self.lora_E.masked_fill_(~keep[:, None], 0.0)
 
@@ -77,9 +89,7 @@ class SVDLoRALinear(LowRankAdapter):
         stay at [:r_old]); shrinking re-factors ΔW by its SVD and keeps the top `new_rank` triplets
         (the best rank-k approximation, Eckart-Young). Λ absorbs the change of s = alpha / r.
         The same Parameter objects are kept (their `.data` is swapped)."""
-        check_rank(new_rank, "SVDLoRALinear.resize")
-        if self.merged:
-            raise RuntimeError("SVDLoRALinear.resize: unmerge() before changing the rank")
+        self._check_resizable(new_rank)
         r = self.rank
         if new_rank == r:
             return
@@ -104,10 +114,9 @@ class SVDLoRALinear(LowRankAdapter):
                               dim=1)
             E_new = torch.cat([(S[:kept, None] * keep_scale).to(E.dtype), E.new_zeros(extra, 1)])
             m_new = m.new_ones(new_rank)
-        _set_data(self.lora_A, A_new)
-        _set_data(self.lora_E, E_new)
-        _set_data(self.lora_B, B_new)
-        self.rank_mask = m_new.contiguous()
+        m_new = m_new.contiguous()
+        _set_data((self.lora_A, A_new), (self.lora_E, E_new), (self.lora_B, B_new))   # all or none
+        self.rank_mask = m_new
         self.scaling = new_scaling
 
     def extra_repr(self) -> str:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .nf4 import blockwise_absmax, check_blocksize, check_float_tensor
+from .nf4 import (FLOAT_DTYPES, blockwise_absmax, check_blocksize, check_float_tensor, check_shape,
+                  check_storage)
 
 
 @dataclass
@@ -36,6 +37,42 @@ class Int8Tensor:
     blocksize: int | None = None              # None = row-wise
     outlier_cols: torch.Tensor | None = None  # (k,) int64 column indices kept in float (row-wise only)
     outlier_weight: torch.Tensor | None = None  # (rows, k) float32 values of those columns
+
+    def __post_init__(self):
+        """Refuse codes and scales that disagree with the metadata (shape, block size)."""
+        self.shape = check_shape(self.shape, "Int8Tensor")
+        if self.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"Int8Tensor: dtype must be float32/float16/bfloat16, got {self.dtype}")
+        n = self.numel
+        if self.blocksize is not None:
+            check_blocksize(self.blocksize)
+            check_storage("Int8Tensor.data", self.data, (torch.int8,), n,
+                          f"one code per element of {tuple(self.shape)}")
+            check_storage("Int8Tensor.scale", self.scale, FLOAT_DTYPES, -(-n // self.blocksize),
+                          f"one per block of {self.blocksize} of {n} elements")
+            if self.outlier_cols is not None or self.outlier_weight is not None:
+                raise ValueError("Int8Tensor: outlier columns work with row-wise scales only (blocksize=None)")
+            return
+        cols = self.shape[-1]
+        rows = n // cols
+        check_storage("Int8Tensor.data", self.data, (torch.int8,), n, f"one code per element of {tuple(self.shape)}")
+        if tuple(self.data.shape) != (rows, cols):
+            raise ValueError(f"Int8Tensor.data: row-wise codes must have shape {(rows, cols)} for shape "
+                             f"{tuple(self.shape)}, got {tuple(self.data.shape)}")
+        check_storage("Int8Tensor.scale", self.scale, FLOAT_DTYPES, rows, f"one per row of {rows}")
+        if (self.outlier_cols is None) != (self.outlier_weight is None):
+            raise ValueError("Int8Tensor: outlier_cols and outlier_weight come together (both or neither)")
+        if self.outlier_cols is not None:
+            k = self.outlier_cols.numel()
+            check_storage("Int8Tensor.outlier_cols", self.outlier_cols, (torch.int64,), k, "column indices")
+            check_storage("Int8Tensor.outlier_weight", self.outlier_weight, FLOAT_DTYPES, rows * k,
+                          f"{rows} rows x {k} outlier columns")
+            if tuple(self.outlier_weight.shape) != (rows, k):
+                raise ValueError(f"Int8Tensor.outlier_weight: expected shape {(rows, k)}, "
+                                 f"got {tuple(self.outlier_weight.shape)}")
+            if k and not bool(((self.outlier_cols >= 0) & (self.outlier_cols < cols)).all()):
+                raise ValueError(f"Int8Tensor.outlier_cols: indices must be in [0, {cols}), "
+                                 f"got {self.outlier_cols.tolist()}")
 
     @property
     def numel(self) -> int:

@@ -1,5 +1,9 @@
 """Frozen quantized drop-ins for nn.Linear: Linear4bit (NF4) and Linear8bit (int8).
 
+`from_linear` also takes a transformers `Conv1D` (Hugging Face GPT-2's projections,
+y = x W + b with W stored (in, out)): the quantized layer stores Wᵀ (out, in) like any
+other, so it is an ordinary Linear-like layer to everything above (QLoRA included).
+
 Both compute  y = x Ŵᵀ + b  where Ŵ = dequant(stored weight) is rebuilt on the fly in
 the compute dtype.  The weight is frozen: no gradient for it, but x gets one,
 
@@ -18,7 +22,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .int8 import Int8Tensor, dequantize_int8, quantize_int8
-from .nf4 import DQ_BLOCKSIZE, NF4Tensor, check_blocksize, dequantize_nf4, quantize_nf4
+from .nf4 import DQ_BLOCKSIZE, FLOAT_DTYPES, NF4Tensor, check_blocksize, dequantize_nf4, quantize_nf4
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A transformers-style `Conv1D`: int `nx` (in) and `nf` (out) and a weight (nx, nf).
+    (The same duck-typed rule as lora.base.is_conv1d: the two packages import neither each other
+    nor transformers.)"""
+    nx, nf, weight = getattr(module, "nx", None), getattr(module, "nf", None), getattr(module, "weight", None)
+    return (not isinstance(module, nn.Linear) and isinstance(nx, int) and isinstance(nf, int)
+            and isinstance(weight, torch.Tensor) and tuple(weight.shape) == (nx, nf))
+
+
+def in_out_features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear-like layer, or a Conv1D's (nx, nf)."""
+    if is_conv1d(layer):
+        return int(layer.nx), int(layer.nf)
+    return int(layer.in_features), int(layer.out_features)
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) float weight of an nn.Linear, or of a Conv1D (its (in, out) weight transposed:
+    a contiguous copy, which is fine here since the float weight is discarded once quantized)."""
+    if is_conv1d(layer):
+        return layer.weight.detach().t().contiguous()
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"expected an nn.Linear or a Conv1D (nx, nf, weight (nx, nf)), got {type(layer).__name__}")
+    return layer.weight.detach()
 
 
 class DequantLinearFunction(torch.autograd.Function):
@@ -48,6 +78,14 @@ class _FrozenQuantLinear(nn.Module):
 
     def _init_common(self, in_features: int, out_features: int, bias: bool,
                      compute_dtype: torch.dtype | None, weight_dtype: torch.dtype) -> None:
+        name = type(self).__name__
+        for what, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {what} must be a positive int, got {value!r}")
+        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: compute_dtype must be None or float32/float16/bfloat16, got {compute_dtype!r}")
+        if weight_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: weight_dtype must be float32/float16/bfloat16, got {weight_dtype!r}")
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype      # None: compute in the input's dtype
         self.weight_dtype = weight_dtype        # dtype of the weight before quantization
@@ -120,13 +158,14 @@ class Linear4bit(_FrozenQuantLinear):
             self._float_constants = ("absmax",)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, compute_dtype: torch.dtype | None = None,
+    def from_linear(cls, linear: nn.Module, *, compute_dtype: torch.dtype | None = None,
                     blocksize: int = 64, double_quant: bool = True) -> "Linear4bit":
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+        """Quantize an nn.Linear, or a Conv1D (its weight transposed to (out, in))."""
+        w = linear_weight(linear)                                   # (out, in)
+        layer = cls(w.shape[1], w.shape[0], linear.bias is not None,
                     compute_dtype=compute_dtype, blocksize=blocksize, double_quant=double_quant,
                     weight_dtype=w.dtype)
-        layer.load_nf4(quantize_nf4(w.detach(), blocksize, double_quant))
+        layer.load_nf4(quantize_nf4(w, blocksize, double_quant))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
@@ -144,13 +183,12 @@ class Linear4bit(_FrozenQuantLinear):
 
     def nf4(self) -> NF4Tensor:
         """The stored weight as an NF4Tensor (views of the buffers, no copy)."""
-        q = NF4Tensor(self.weight_packed, torch.Size((self.out_features, self.in_features)),
-                      self.weight_dtype, self.blocksize)
+        shape = torch.Size((self.out_features, self.in_features))
         if self.double_quant:
-            q.absmax_codes, q.absmax_scales, q.absmax_mean = self.absmax_codes, self.absmax_scales, self.absmax_mean
-        else:
-            q.absmax = self.absmax
-        return q
+            return NF4Tensor(self.weight_packed, shape, self.weight_dtype, self.blocksize,
+                             absmax_codes=self.absmax_codes, absmax_scales=self.absmax_scales,
+                             absmax_mean=self.absmax_mean)
+        return NF4Tensor(self.weight_packed, shape, self.weight_dtype, self.blocksize, absmax=self.absmax)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Ŵ (out, in) in `dtype` (default: compute_dtype, else the original weight dtype)."""
@@ -177,6 +215,10 @@ class Linear8bit(_FrozenQuantLinear):
         if blocksize is not None:
             check_blocksize(blocksize)
         self._init_common(in_features, out_features, bias, compute_dtype, weight_dtype)
+        if isinstance(n_outlier_cols, bool) or not isinstance(n_outlier_cols, int) \
+                or not 0 <= n_outlier_cols <= in_features or (n_outlier_cols and blocksize is not None):
+            raise ValueError(f"Linear8bit: n_outlier_cols must be an int in [0, in_features={in_features}] "
+                             f"(and 0 with blockwise scales), got {n_outlier_cols!r} with blocksize={blocksize}")
         self.blocksize = blocksize
         n = in_features * out_features
         if blocksize is None:
@@ -194,12 +236,13 @@ class Linear8bit(_FrozenQuantLinear):
             self.outlier_cols = self.outlier_weight = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, compute_dtype: torch.dtype | None = None,
+    def from_linear(cls, linear: nn.Module, *, compute_dtype: torch.dtype | None = None,
                     blocksize: int | None = None, outlier_threshold: float | None = None) -> "Linear8bit":
-        w = linear.weight
-        q = quantize_int8(w.detach(), blocksize, outlier_threshold)
+        """Quantize an nn.Linear, or a Conv1D (its weight transposed to (out, in))."""
+        w = linear_weight(linear)                                   # (out, in)
+        q = quantize_int8(w, blocksize, outlier_threshold)
         k = 0 if q.outlier_cols is None else q.outlier_cols.numel()
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+        layer = cls(w.shape[1], w.shape[0], linear.bias is not None,
                     compute_dtype=compute_dtype, blocksize=blocksize, n_outlier_cols=k, weight_dtype=w.dtype)
         layer.weight_int8, layer.weight_scale = q.data.contiguous(), q.scale.contiguous()
         if k:

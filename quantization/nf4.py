@@ -118,8 +118,30 @@ def check_float_tensor(x: torch.Tensor, what: str = "tensor") -> None:
 
 
 def check_blocksize(blocksize: int) -> None:
-    if blocksize not in BLOCKSIZES:
+    if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize: expected a power of two from 32 to 4096 {BLOCKSIZES}, got {blocksize!r}")
+
+
+def check_shape(shape, what: str) -> torch.Size:
+    """The original shape of a quantized tensor as a torch.Size of >= 1 element."""
+    try:
+        size = torch.Size(shape)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{what}: shape must be a sequence of ints, got {shape!r}") from error
+    if size.numel() == 0:
+        raise ValueError(f"{what}: shape must hold at least one element, got {tuple(size)}")
+    return size
+
+
+def check_storage(what: str, t, dtypes: tuple, numel: int, why: str) -> None:
+    """A stored tensor of the right kind and element count (any layout: it is read flat)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = "/".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{what}: expected dtype {names}, got {t.dtype}")
+    if t.numel() != numel:
+        raise ValueError(f"{what}: expected {numel} element(s) ({why}), got {t.numel()} (shape {tuple(t.shape)})")
 
 
 def blockwise_absmax(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +177,7 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of pack_nibbles: (ceil(n/2),) uint8 -> (n,) uint8 codes."""
+    check_storage("unpack_nibbles packed", packed, (torch.uint8,), (n + 1) // 2, f"ceil({n} / 2) bytes")
     pairs = torch.stack([packed >> 4, packed & 15], dim=1)             # (nbytes, 2)
     return pairs.reshape(-1)[:n]
 
@@ -172,6 +195,8 @@ def quantize_dynamic8(x: torch.Tensor, blocksize: int = DQ_BLOCKSIZE) -> tuple[t
 
 def dequantize_dynamic8(codes: torch.Tensor, scales: torch.Tensor, blocksize: int = DQ_BLOCKSIZE) -> torch.Tensor:
     n = codes.numel()
+    check_storage("dequantize_dynamic8 scales", scales, FLOAT_DTYPES, -(-n // blocksize),
+                  f"one per block of {blocksize} of {n} codes")
     values = _table("dyn8", codes.device).index_select(0, codes.to(torch.int32))
     values = torch.nn.functional.pad(values, (0, scales.numel() * blocksize - n))
     return (values.view(-1, blocksize) * scales[:, None]).reshape(-1)[:n]
@@ -192,6 +217,35 @@ class NF4Tensor:
     absmax_codes: torch.Tensor | None = None  # (nblocks,) uint8           -- with double quantization
     absmax_scales: torch.Tensor | None = None  # (ceil(nblocks/256),) float32
     absmax_mean: torch.Tensor | None = None   # () float32
+
+    def __post_init__(self):
+        """Refuse storage that disagrees with the metadata (shape, block size): a packed tensor
+        of the wrong length would dequantize to wrong values or fail deep in a broadcast."""
+        self.shape = check_shape(self.shape, "NF4Tensor")
+        if self.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"NF4Tensor: dtype must be float32/float16/bfloat16, got {self.dtype}")
+        check_blocksize(self.blocksize)
+        n = self.numel
+        nblocks = -(-n // self.blocksize)
+        check_storage("NF4Tensor.packed", self.packed, (torch.uint8,), (n + 1) // 2,
+                      f"ceil({n} / 2) bytes for shape {tuple(self.shape)}")
+        dq = (self.absmax_codes, self.absmax_scales, self.absmax_mean)
+        if self.absmax is not None:
+            if any(t is not None for t in dq):
+                raise ValueError("NF4Tensor: give either absmax (plain) or absmax_codes/absmax_scales/absmax_mean "
+                                 "(double quantization), not both")
+            check_storage("NF4Tensor.absmax", self.absmax, FLOAT_DTYPES, nblocks,
+                          f"one per block of {self.blocksize} of {n} elements")
+        elif any(t is None for t in dq):
+            missing = [k for k, t in zip(("absmax_codes", "absmax_scales", "absmax_mean"), dq) if t is None]
+            raise ValueError(f"NF4Tensor: needs absmax, or all of absmax_codes/absmax_scales/absmax_mean; "
+                             f"{', '.join(missing)} missing")
+        else:
+            check_storage("NF4Tensor.absmax_codes", self.absmax_codes, (torch.uint8,), nblocks,
+                          f"one per block of {self.blocksize} of {n} elements")
+            check_storage("NF4Tensor.absmax_scales", self.absmax_scales, FLOAT_DTYPES, -(-nblocks // DQ_BLOCKSIZE),
+                          f"one per {DQ_BLOCKSIZE} of {nblocks} blocks")
+            check_storage("NF4Tensor.absmax_mean", self.absmax_mean, FLOAT_DTYPES, 1, "one per tensor")
 
     @property
     def numel(self) -> int:
@@ -246,15 +300,15 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     # The zero padding of the last block gets the code of level 0.0 (7), as in bitsandbytes:
     # it shows up in the low nibble of the last byte when n is odd.
     codes = nearest_nf4_code(scaled.reshape(-1))
-    packed = pack_nibbles(codes)[: (n + 1) // 2]
-    q = NF4Tensor(packed=packed, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
+    packed = pack_nibbles(codes)
+    if packed.numel() != (n + 1) // 2:   # drop the padding's bytes; a copy, so no hidden storage is kept
+        packed = packed[: (n + 1) // 2].clone()
     if not double_quant:
-        q.absmax = absmax
-    else:
-        mean = absmax.mean()
-        q.absmax_codes, q.absmax_scales = quantize_dynamic8(absmax - mean, DQ_BLOCKSIZE)
-        q.absmax_mean = mean
-    return q
+        return NF4Tensor(packed=packed, shape=w.shape, dtype=w.dtype, blocksize=blocksize, absmax=absmax)
+    mean = absmax.mean()
+    codes, scales = quantize_dynamic8(absmax - mean, DQ_BLOCKSIZE)
+    return NF4Tensor(packed=packed, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
+                     absmax_codes=codes, absmax_scales=scales, absmax_mean=mean)
 
 
 # Elements per chunk in the CPU dequant loop: big enough that Python overhead is noise,

@@ -1,4 +1,5 @@
 """Adapter files: PEFT layout, bit-exact round trips for every method, clear refusals that change nothing."""
+import copy
 import json
 import tempfile
 
@@ -88,6 +89,8 @@ def test_round_trip_onto_fresh_model_is_bit_exact(method, tmp_path):
     assert_same_state(adapter_state(loaded), adapter_state(model))
     assert_same_state(model_state(loaded), model_state(model))
     assert torch.equal(loaded(x), model(x))
+    assert not any(p.requires_grad for p in loaded.parameters())      # frozen, as PEFT's is_trainable=False
+    loaded = load_adapter(fresh(), tmp_path, is_trainable=True)
     trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -293,7 +296,7 @@ def test_modules_to_save_round_trip(tmp_path):
         model.head.weight.add_(1.0)
     save_adapter(model, tmp_path, config)
     assert "base_model.model.head.weight" in load_file(str(tmp_path / WEIGHTS_NAME))
-    loaded = load_adapter(fresh(), tmp_path)
+    loaded = load_adapter(fresh(), tmp_path, is_trainable=True)
     assert_same_state(model_state(loaded), model_state(model))
     assert loaded.head.weight.requires_grad
 
@@ -357,7 +360,7 @@ def test_round_trip_over_quantized_bases(tmp_path, method):
 def test_round_trip_keeps_options(tmp_path, options):
     model, config = trained("lora", **options)          # pissa also rewrote the base weights
     save_adapter(model, tmp_path, config)
-    loaded = load_adapter(fresh(), tmp_path)
+    loaded = load_adapter(fresh(), tmp_path, is_trainable=True)
     assert_same_state(model_state(loaded), model_state(model))
     layer = adapter_layers(loaded)[0][1]
     assert layer.scaling == adapter_layers(model)[0][1].scaling and layer.dropout_p == config.lora_dropout
@@ -397,10 +400,169 @@ def test_save_without_config_infers_heads_and_biases(tmp_path):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.5)
-    save_adapter(model, tmp_path)                                      # as a trainer that lost its config
+    del model.nanopeft_config                                          # a model that remembers no config
+    save_adapter(model, tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["modules_to_save"] == ["head"] and meta["bias"] == "lora_only" and meta["r"] == 3
-    loaded = load_adapter(fresh(), tmp_path)
+    loaded = load_adapter(fresh(), tmp_path, is_trainable=True)
     assert_same_state(model_state(loaded), model_state(model))
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == \
         {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --- QLoRA files, the remembered config, frozen loading --------------------------------------
+def tiny_llama():
+    from trainers.models.llama import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig.tiny(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64))
+
+
+def quantized_llama():
+    """A 4-bit LLaMA: its attention wrappers hold no parameters once the bases are buffers."""
+    from quantization import quantize_model
+    with pytest.warns(UserWarning, match="left in float: lm_head"):
+        return quantize_model(tiny_llama(), bits=4)
+
+
+@pytest.mark.parametrize("remembered", [True, False])
+def test_qlora_file_holds_adapters_only_and_loads(tmp_path, remembered):
+    """Saved without a config from a 4-bit base: no wrapper module (self_attn, whose only parameters
+    are the adapters) is taken for a module to save, each factor is written once, and it loads."""
+    model = add_lora_to_model(quantized_llama(), target_modules=["q_proj", "v_proj"], r=4)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lora_B.normal_()
+    if not remembered:
+        del model.nanopeft_config                                       # the requires_grad fallback
+    save_adapter(model, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["modules_to_save"] is None and meta["bias"] == "none"
+    keys = set(load_file(str(tmp_path / WEIGHTS_NAME)))
+    assert len(keys) == 2 * 2 * 2 and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
+    loaded = load_adapter(quantized_llama(), tmp_path)
+    idx = torch.randint(0, 32, (2, 6))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
+def test_frozen_load_then_save_writes_the_same_file(tmp_path):
+    """A frozen load (the default) would make the requires_grad flags say "no head, no bias";
+    the remembered config still says what the file holds, through deepcopy too."""
+    model, config = trained("lora", modules_to_save=["head"], bias="lora_only", lora_dropout=0.1)
+    save_adapter(model, tmp_path / "a", config)
+    loaded = load_adapter(fresh(), tmp_path / "a")
+    assert not any(p.requires_grad for p in loaded.parameters())
+    save_adapter(copy.deepcopy(loaded), tmp_path / "b")
+    assert json.loads((tmp_path / "a" / CONFIG_NAME).read_text()) == \
+        json.loads((tmp_path / "b" / CONFIG_NAME).read_text())
+    assert_same_state(load_file(str(tmp_path / "a" / WEIGHTS_NAME)), load_file(str(tmp_path / "b" / WEIGHTS_NAME)))
+    again = load_adapter(loaded, tmp_path / "a", is_trainable=True)    # into its own adapters: trainable again
+    trainable = {n for n, p in again.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_save_warns_about_trainable_parameters_it_leaves_out(tmp_path):
+    model = add_lora_to_model(fresh(), target_modules=["q_proj"], r=2)
+    model.head.weight.requires_grad_(True)                              # by hand, not in modules_to_save
+    with pytest.warns(UserWarning, match=r"1 trainable parameters are not in the adapter file.*'head.weight'"):
+        save_adapter(model, tmp_path)
+
+
+class Classifier(nn.Module):
+    """DistilBERT's head names: `classifier` selects `pre_classifier` too under PEFT's rule."""
+
+    def __init__(self, d=D):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(d)])
+        self.pre_classifier = nn.Linear(d, d)
+        self.classifier = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.pre_classifier(self.layers[0](x))))
+
+
+def test_modules_to_save_match_as_in_peft(tmp_path):
+    torch.manual_seed(0)
+    model = add_lora_to_model(Classifier(), target_modules=["q_proj"], modules_to_save=["classifier"], r=2)
+    assert model.pre_classifier.weight.requires_grad and model.classifier.weight.requires_grad
+    with torch.no_grad():
+        model.pre_classifier.weight.add_(1.0)
+    save_adapter(model, tmp_path)
+    keys = set(load_file(str(tmp_path / WEIGHTS_NAME)))
+    assert {"base_model.model.pre_classifier.weight", "base_model.model.classifier.bias"} <= keys
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    meta["modules_to_save"] = ["classifier", "score"]                  # as PEFT's SEQ_CLS configs write it
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    torch.manual_seed(0)
+    loaded = load_adapter(Classifier(), tmp_path, is_trainable=True)  # "score" selects nothing: ignored
+    assert_same_state(model_state(loaded), model_state(model))
+    assert loaded.pre_classifier.weight.requires_grad
+    with pytest.raises(ValueError, match="modules_to_save: 'score' matches no module"):
+        add_lora_to_model(Classifier(), target_modules=["q_proj"], modules_to_save=["score"])
+
+
+def test_modules_to_save_holding_an_adapter_is_refused():
+    model = fresh()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"modules_to_save: 'layers.0' holds the adapter \(or target\) "
+                                         r"'layers.0.q_proj'"):
+        add_lora_to_model(model, target_modules=["q_proj"], modules_to_save=["layers.0"])
+    check_untouched(model, *before)
+    assert adapter_layers(model) == []
+
+
+# --- PEFT LoraConfig objects, duck-typed (the real one: tests/test_peft_interop.py) ---------------
+class PeftLikeConfig:
+    """What add_lora_to_model sees of a peft.LoraConfig: to_dict() with PEFT's field names."""
+
+    def __init__(self, **fields):
+        self.fields = {"peft_type": "LORA", "task_type": None, "r": 8, "lora_alpha": 8, "lora_dropout": 0.0,
+                       "target_modules": None, "use_dora": False, "init_lora_weights": True, "bias": "none",
+                       "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False,
+                       "layers_to_transform": None, "lora_bias": False, "qalora_group_size": 16, **fields}
+
+    def to_dict(self):
+        return dict(self.fields)
+
+
+def test_peft_style_config_objects_convert_field_by_field():
+    config = PeftLikeConfig(r=2, lora_alpha=4, target_modules={"v_proj", "q_proj"}, use_dora=True,
+                            rank_pattern={"v_proj": 3}, modules_to_save=["head"])
+    model = add_lora_to_model(fresh(), config)
+    layers = dict(adapter_layers(model))
+    assert type(layers["layers.0.q_proj"]).__name__ == "DoRALinear" and layers["layers.0.q_proj"].rank == 2
+    assert layers["layers.1.v_proj"].rank == 3 and layers["layers.1.v_proj"].alpha == 4
+    assert model.head.weight.requires_grad
+    assert add_lora_to_model(fresh(), config, r=5).layers[0].q_proj.rank == 5   # overrides still apply
+    for fields, message in [(dict(layers_to_transform=[0]), r"field layers_to_transform=\[0\] is not supported "
+                                                            r"\(only its default, None\)"),
+                            (dict(qalora_group_size=32), "field qalora_group_size=32 is not supported"),
+                            (dict(init_lora_weights=False), "init_lora_weights=False is not supported"),
+                            (dict(peft_type="ADALORA"), "peft_type 'ADALORA'"),
+                            (dict(target_modules=None), "target_modules=None")]:
+        model = fresh()
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=message):
+            add_lora_to_model(model, PeftLikeConfig(**{"target_modules": ["q_proj"], **fields}))
+        check_untouched(model, *before)
+    with pytest.raises(TypeError, match=r"config must be a lora.LoraConfig or a PEFT LoraConfig \(an object "
+                                        r"with to_dict\(\)\), got builtins.dict"):
+        add_lora_to_model(fresh(), {"r": 4})
+
+
+def test_adapter_files_get_umask_permissions_and_clear_a_dead_writers_temporaries(tmp_path):
+    import os
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()                                                        # a pid that no longer runs
+    stale = tmp_path / f".{WEIGHTS_NAME}.{proc.pid}.0123abcd.tmp"
+    stale.write_bytes(b"half")
+    old = os.umask(0o022)
+    try:
+        save_adapter(add_lora_to_model(fresh(), target_modules=["q_proj"], r=2), tmp_path)
+    finally:
+        os.umask(old)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([WEIGHTS_NAME, CONFIG_NAME])

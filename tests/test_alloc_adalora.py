@@ -215,9 +215,8 @@ def test_allocator_errors():
         AdaLoRAAllocator(nn.Linear(3, 3), AdaLoRAConfig(), total_steps=5)
     with pytest.raises(ValueError, match="no pruning"):
         AdaLoRAAllocator(model, AdaLoRAConfig(target_r=2, tinit=3, tfinal=2), total_steps=5)
-    unpaced = AdaLoRAAllocator(model, AdaLoRAConfig(target_r=2))
-    with pytest.raises(ValueError, match="total_steps must be set .*got 0"):
-        unpaced.after_step(1, model, None)
+    with pytest.raises(ValueError, match="total_steps must be a positive int .*got None"):
+        AdaLoRAAllocator(model, AdaLoRAConfig(target_r=2))       # refused where it enters, not at the first step
 
 
 def test_with_model_surgery_both_adaptive_allocators_run():

@@ -16,10 +16,11 @@ from trainers.models import MODELS, build_model
 
 
 FAMILY = {"gpt2": "gpt2", "gpt2-cls": "gpt2", "distilbert-cls": "distilbert", "distilbert-qa": "distilbert",
-          "llama": "llama"}
+          "llama": "llama", "llama-cls": "llama", "llama-qa": "llama"}
 ARCH = {"gpt2": "GPT2LMHeadModel", "gpt2-cls": "GPT2ForSequenceClassification",
         "distilbert-cls": "DistilBertForSequenceClassification", "distilbert-qa": "DistilBertForQuestionAnswering",
-        "llama": "LlamaForCausalLM"}
+        "llama": "LlamaForCausalLM", "llama-cls": "LlamaForSequenceClassification",
+        "llama-qa": "LlamaForQuestionAnswering"}
 
 
 def hf_config(kind, c) -> dict:
@@ -45,7 +46,7 @@ def hf_state(model, kind) -> dict:
     km = hf_key_map(FAMILY[kind], model.config)
     out = {}
     for name, p in model.named_parameters():
-        key = km.prefix + km.names[name] if name.startswith(km.prefix) else km.names[name]
+        key = km.prefix + km.names[name] if name.startswith(km.prefix) else name  # QA LLaMA: transformer.
         out[key] = (p.t() if name in km.transpose else p).detach().contiguous().clone()
     return out
 
@@ -104,6 +105,35 @@ def test_base_checkpoint_into_a_task_head_initialises_only_the_head(tmp_path):
     torch.testing.assert_close(qa.distilbert(X), base.distilbert(X))
     cls = load_hf_model(tmp_path, num_labels=4)
     assert cls.classifier.out_features == 4 and "classifier.weight" in cls.load_report.initialised
+
+
+@pytest.mark.parametrize("head, initialised", [("llama-cls", ["score.weight"]),
+                                               ("llama-qa", ["qa_outputs.bias", "qa_outputs.weight"])])
+def test_causal_lm_checkpoint_into_a_llama_task_head(tmp_path, head, initialised):
+    """A LLaMA LM checkpoint (trunk under `model.`) loads into the classification and QA heads
+    (QA trunk under `transformer.`, as HF names it): trunk copied, head fresh, lm_head dropped."""
+    lm = tiny("llama")
+    loaded = load_hf_model(write_folder(tmp_path, "llama", lm), kind=head)
+    assert sorted(loaded.load_report.initialised) == initialised
+    assert loaded.load_report.ignored == ["lm_head.weight"]
+    trunk = loaded.model if head == "llama-cls" else loaded.transformer
+    torch.testing.assert_close(trunk(X), lm.model(X), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="missing from the checkpoint: lm_head.weight"):
+        load_hf_model(write_folder(tmp_path / "cls", "llama-cls", tiny("llama-cls")), kind="llama")
+
+
+def test_loaded_models_come_back_in_eval_mode(tmp_path):
+    """Like transformers' from_pretrained: dropout off until train() (or the caller) says otherwise."""
+    source = tiny("distilbert-qa", dropout=0.1, attention_dropout=0.1)
+    folder = write_folder(tmp_path / "hf", "distilbert-qa", source)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dropout": 0.1, "attention_dropout": 0.1}))
+    loaded = load_hf_model(folder)
+    assert loaded.config.dropout == 0.1
+    assert not any(m.training for m in loaded.modules())
+    torch.testing.assert_close(loaded(X)[0], loaded(X)[0], rtol=0, atol=0)  # deterministic despite dropout
+    lm = load_llama2c(write_llama2c(tmp_path / "m.bin", tiny("llama", tie_word_embeddings=True)))
+    assert not any(m.training for m in lm.modules())
 
 
 def test_key_problems_are_named(tmp_path):
@@ -241,6 +271,24 @@ def test_llama2c_round_trip(tmp_path, tied):
     torch.testing.assert_close(loaded(X)[0], model(X)[0])
 
 
+@pytest.mark.parametrize("head", ["llama-cls", "llama-qa"])
+def test_llama2c_trunk_under_a_task_head(tmp_path, head):
+    """stories260K-style files load under the task heads too (load_model does this for
+    llama2.c models on classification and QA tasks)."""
+    model = tiny("llama", tie_word_embeddings=True, norm_eps=1e-5)
+    loaded = load_llama2c(write_llama2c(tmp_path / "m.bin", model), head, num_labels=4)
+    trunk = loaded.model if head == "llama-cls" else loaded.transformer
+    torch.testing.assert_close(trunk(X), model.model(X))
+    assert loaded.load_report.initialised and all(n.startswith(("score.", "qa_outputs."))
+                                                  for n in loaded.load_report.initialised)
+    if head == "llama-cls":
+        assert loaded.score.out_features == 4
+    with pytest.raises(ValueError, match="kind must be 'llama', 'llama-cls' or 'llama-qa', got 'gpt2'"):
+        load_llama2c(tmp_path / "m.bin", "gpt2")
+    with pytest.raises(ValueError, match=r"LlamaConfig has no field\(s\) \['n_labels'\]"):
+        load_llama2c(tmp_path / "m.bin", head, n_labels=4)
+
+
 def test_llama2c_bad_files(tmp_path):
     good = write_llama2c(tmp_path / "m.bin", tiny("llama", tie_word_embeddings=True)).read_bytes()
     (tmp_path / "cut.bin").write_bytes(good[:-8])
@@ -336,3 +384,77 @@ def test_parity_llama(tmp_path, tied):
     assert ours.config.n_kv_heads == 2 and ours.config.tie_word_embeddings == tied
     torch.testing.assert_close(ours(X)[0], hf(X).logits, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours(X, X)[1], hf(X, labels=X).loss, atol=1e-5, rtol=1e-4)
+
+
+def test_damaged_folders_name_the_file_and_key(tmp_path):
+    model = tiny("gpt2")
+    folder = write_folder(tmp_path / "m", "gpt2", model)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"model.safetensors' is empty \(0 bytes\)"):
+        load_hf_model(folder)
+    weights.unlink()
+    torch.save([1, 2, 3], folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin' does not hold a state dict of tensors "
+                                         r"\(it holds a list"):
+        load_hf_model(folder)
+    (folder / "pytorch_model.bin").unlink()
+    index = folder / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"wte.weight": "part-1.safetensors"')
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json' is not valid JSON \(line 1, column"):
+        load_hf_model(folder)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match=r"index.json': key 'weight_map' must map tensor names to shard"):
+        load_hf_model(folder)
+    index.write_text(json.dumps({"weight_map": {"wte.weight": "part-1.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=r"lists the shard 'part-1.safetensors', which is not in"):
+        load_hf_model(folder)
+
+
+def test_config_lacking_a_key_or_not_an_object_names_the_file(tmp_path):
+    model = tiny("gpt2")
+    folder = write_folder(tmp_path / "m", "gpt2", model)
+    config = json.loads((folder / "config.json").read_text())
+    del config["n_embd"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json' lacks the key 'n_embd', needed for model_type 'gpt2'"):
+        load_hf_model(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json' must hold a JSON object \(the model configuration\), "
+                                         r"got list"):
+        load_hf_model(folder)
+
+
+@pytest.mark.ref
+def test_parity_llama_classifier_and_qa(tmp_path):
+    """HF's LlamaForSequenceClassification (`score`, last non-pad token) and
+    LlamaForQuestionAnswering (trunk `transformer`, `qa_outputs`): same logits, same losses."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, pad_token_id=0, num_labels=3)
+    mask = torch.ones_like(X)
+    mask[1, 6:] = 0
+    padded = X.masked_fill(mask == 0, 0)  # right padding with pad id 0 (X holds no 0)
+
+    hf_cls = randomize(transformers.LlamaForSequenceClassification(cfg))
+    hf_cls.save_pretrained(tmp_path / "cls")
+    ours_cls = load_hf_model(tmp_path / "cls")
+    assert type(ours_cls).__name__ == "LlamaForSequenceClassification" and ours_cls.load_report.initialised == []
+    assert ours_cls.config.num_labels == 3 and ours_cls.config.pad_token_id == 0
+    labels = torch.tensor([2, 0])
+    out = hf_cls(padded, attention_mask=mask, labels=labels)
+    for logits, loss in (ours_cls(padded, labels, mask), ours_cls(padded, labels)):  # mask, or pad id alone
+        torch.testing.assert_close(logits, out.logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-4)
+
+    hf_qa = randomize(transformers.LlamaForQuestionAnswering(cfg))
+    hf_qa.save_pretrained(tmp_path / "qa")
+    ours_qa = load_hf_model(tmp_path / "qa")
+    assert type(ours_qa).__name__ == "LlamaForQuestionAnswering" and ours_qa.load_report.initialised == []
+    start, end = torch.tensor([1, 2]), torch.tensor([4, 10])  # 10 = T: outside the window, ignored by both
+    out = hf_qa(padded, attention_mask=mask, start_positions=start, end_positions=end)
+    logits, loss = ours_qa(padded, torch.stack([start, end], dim=1), mask)
+    torch.testing.assert_close(logits[..., 0], out.start_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits[..., 1], out.end_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-4)

@@ -373,3 +373,79 @@ def test_hub_offline_without_cache_fails_fast(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline_load_dataset)
     with pytest.raises(DataUnavailable, match="nyu-mll/glue.*hub reachable: False.*offline mode"):
         read_raw("qnli", source="hub")
+
+
+# ---------------------------------------------------------------- damaged files name the file and the line
+
+def _write(root, rel, text, binary=False):
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text) if binary else path.write_text(text, encoding="utf-8")
+    return path
+
+
+GOOD_SST2 = "sentence\tlabel\nfine film \t1\n"
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("positive", r"sst2/train.tsv: line 4: column 'label' must be one of \[0, 1\], got 'positive'"),
+    ("2", r"sst2/train.tsv: line 4: column 'label' must be one of \[0, 1\], got '2'")])
+def test_sst2_bad_label_names_file_line_and_value(tmp_path, bad, match):
+    _write(tmp_path, "sst2/dev.tsv", GOOD_SST2)
+    _write(tmp_path, "sst2/train.tsv", f"sentence\tlabel\nok\t0\n\nbad\t{bad}\n")   # a blank line 3 counts
+    with pytest.raises(ValueError, match=match):
+        read_raw("sst2", data_dir=tmp_path, source="local")
+
+
+def test_tsv_field_count_names_the_file_line(tmp_path):
+    _write(tmp_path, "sst2/train.tsv", GOOD_SST2)
+    _write(tmp_path, "sst2/dev.tsv", "sentence\tlabel\n\nok\t0\nno tab here\n")
+    with pytest.raises(ValueError, match=r"sst2/dev.tsv: line 4 has 1 fields, header has 2"):
+        read_raw("sst2", data_dir=tmp_path, source="local")
+
+
+def test_mrpc_and_qnli_bad_labels(tmp_path):
+    head = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    _write(tmp_path, "mrpc/train.tsv", head + "1\ta\tb\tx\ty\n")
+    _write(tmp_path, "mrpc/dev.tsv", head + "yes\ta\tb\tx\ty\n")
+    with pytest.raises(ValueError, match=r"mrpc/dev.tsv: line 2: column 'Quality' must be one of \[0, 1\], got 'yes'"):
+        read_raw("mrpc", data_dir=tmp_path, source="local")
+    head = "index\tquestion\tsentence\tlabel\n"
+    _write(tmp_path, "qnli/train.tsv", head + "0\tq\ts\tneutral\n")
+    _write(tmp_path, "qnli/dev.tsv", head + "0\tq\ts\tentailment\n")
+    with pytest.raises(ValueError, match=r"qnli/train.tsv: line 2: column 'label' must be one of "
+                                         r"\['entailment', 'not_entailment'\], got 'neutral'"):
+        read_raw("qnli", data_dir=tmp_path, source="local")
+
+
+@pytest.mark.parametrize("cls", ["5", "0", "x"])
+def test_ag_news_class_out_of_range_names_the_line(tmp_path, cls):
+    _write(tmp_path, "ag_news/test.csv", '"3","T","multi\nline"\n' + f'"{cls}","T","D"\n')
+    with pytest.raises(ValueError, match=rf"ag_news/test.csv: line 3: column 'class' must be one of "
+                                         rf"\[1, 2, 3, 4\], got '{cls}'"):
+        read_raw("ag_news", data_dir=tmp_path, source="local")
+
+
+def test_squad_json_errors_name_the_file_and_the_place(tmp_path):
+    path = _write(tmp_path, "squad_v1.1/dev-v1.1.json", '{"data": [')
+    with pytest.raises(ValueError, match=r"dev-v1.1.json: not valid JSON: line 1"):
+        read_raw("squad", data_dir=tmp_path, source="local")
+    art = {"title": "T", "paragraphs": [{"context": "c", "qas": [
+        {"id": "1", "question": "q", "answers": [{"text": "c"}]}]}]}
+    path.write_text(json.dumps({"data": [art]}))
+    with pytest.raises(ValueError, match=r"dev-v1.1.json: data\[0\].paragraphs\[0\].qas\[0\].answers\[0\]"
+                                         r".answer_start must be an int, got None"):
+        read_raw("squad", data_dir=tmp_path, source="local")
+
+
+def test_non_utf8_text_names_the_file_and_byte(tmp_path):
+    _write(tmp_path, "wikitext2/wiki.valid.raw", b" = A = \n text \xff\xfe more\n", binary=True)
+    _write(tmp_path, "wikitext2/wiki.test.raw", " = B = \n")
+    with pytest.raises(ValueError, match=r"wiki.valid.raw: not utf-8 text: byte 14"):
+        read_raw("wikitext2", data_dir=tmp_path, source="local")
+
+
+def test_news_summary_short_row_names_the_line(tmp_path):
+    _write(tmp_path, "news_summary/news_summary_more.csv", "headlines,text\nh1,t1\nh2\nh3,t3\n")
+    with pytest.raises(ValueError, match=r"news_summary_more.csv: line 3: fewer fields than the 2 of the header"):
+        read_raw("news_summary", data_dir=tmp_path, source="local")

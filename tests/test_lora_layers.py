@@ -262,7 +262,7 @@ def test_non_linear_base_is_a_clear_error(kind):
 def test_bad_init_and_pissa_on_quantized_base_are_clear_errors():
     with pytest.raises(ValueError, match=r"init must be one of \('kaiming', 'gaussian', 'pissa'\), got 'xavier'"):
         LoRALinear(nn.Linear(4, 4), rank=2, init="xavier")
-    with pytest.raises(TypeError, match="pissa.*needs an nn.Linear base, got FakeQuantLinear"):
+    with pytest.raises(TypeError, match="pissa.*needs an nn.Linear base or a Conv1D.*got FakeQuantLinear"):
         LoRALinear(FakeQuantLinear(nn.Linear(4, 4)), rank=2, init="pissa")
     with pytest.raises(ValueError, match=r"rank <= min\(out, in\) = 3, got 5"):
         LoRALinear(nn.Linear(3, 8), rank=5, init="pissa")

@@ -152,10 +152,12 @@ def test_non_linear_target_names_its_type():
     assert adapter_layers(model) == []
 
 
-def test_second_surgery_on_same_module_is_refused():
+@pytest.mark.parametrize("targets", [["q_proj"], ["v_proj"], "all-linear"])
+def test_second_surgery_is_refused_whatever_the_targets(targets):
     model = add_lora_to_model(Tiny(), target_modules=["q_proj"])
-    with pytest.raises(ValueError, match="already has an adapter"):
-        add_lora_to_model(model, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"already has adapters \(2 adapter layers: \['layers.0.q_proj', "
+                                         r"'layers.1.q_proj'\]\).*load_adapter.*fresh model"):
+        add_lora_to_model(model, target_modules=targets)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -55,6 +55,8 @@ def test_build_model_from_config_picks_family_and_overrides():
     ("llama", ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
                "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj",
                "model.layers.1.mlp.down_proj", "lm_head"]),
+    ("llama-cls", ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "score"]),
+    ("llama-qa", ["transformer.layers.0.self_attn.q_proj", "transformer.layers.1.mlp.down_proj", "qa_outputs"]),
 ])
 def test_adapter_targets_are_linear_with_hf_names(kind, names):
     modules = dict(tiny(kind).named_modules())
@@ -91,7 +93,8 @@ def test_causal_models_do_not_look_ahead(kind):
     torch.testing.assert_close(model(x)[0][:, :7], model(changed)[0][:, :7])
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt2-cls", "distilbert-cls", "distilbert-qa"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt2-cls", "distilbert-cls", "distilbert-qa", "llama-cls",
+                                  "llama-qa"])
 @settings(max_examples=4, deadline=None)
 @given(lengths=st.lists(st.integers(2, 10), min_size=1, max_size=3))
 def test_padding_does_not_change_real_positions(kind, lengths):
@@ -120,20 +123,40 @@ def test_distilbert_mask_hides_padding_anywhere():
     assert not torch.allclose(model(x)[0], model(junk)[0])
 
 
-def test_gpt2_classifier_reads_last_real_token_from_pad_id():
-    model = tiny("gpt2-cls", pad_token_id=0)
+@pytest.mark.parametrize("kind", ["gpt2-cls", "llama-cls"])
+def test_causal_classifier_reads_last_real_token_from_pad_id(kind):
+    model = tiny(kind, pad_token_id=0)
     x = ids(1, 6)
     padded = torch.cat([x, torch.zeros(1, 3, dtype=torch.long)], dim=1)
     torch.testing.assert_close(model(padded)[0], model(x)[0], atol=1e-5, rtol=1e-4)
+    left = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], dim=1)  # left padding: the last token is real
+    mask = (left != 0).long()
+    if kind == "llama-cls":  # RoPE scores depend on offsets only, so left padding changes nothing
+        torch.testing.assert_close(model(left, attention_mask=mask)[0], model(x)[0], atol=1e-5, rtol=1e-4)
 
 
-def test_classifier_and_qa_losses():
-    cls = tiny("distilbert-cls")
+def test_llama_classifier_is_score_at_the_last_real_token():
+    """Two ways: the head's logits, and `score` applied to the trunk's hidden state by hand."""
+    model, x = tiny("llama-cls", num_labels=4), ids(3, 9)
+    mask = torch.ones_like(x)
+    mask[0, 5:], mask[2, 2:] = 0, 0
+    y = torch.tensor([3, 0, -100])
+    logits, loss = model(x, y, mask)
+    h = model.model(x, mask)  # (B, T, C)
+    expected = torch.stack([model.score(h[0, 4]), model.score(h[1, 8]), model.score(h[2, 1])])
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[:2], y[:2]))
+    assert model.score.bias is None and model(x)[1] is None
+
+
+@pytest.mark.parametrize("family", ["distilbert", "llama"])
+def test_classifier_and_qa_losses(family):
+    cls = tiny(f"{family}-cls")
     x, y = ids(3, 8), torch.tensor([0, 1, 1])
     logits, loss = cls(x, y)
     assert logits.shape == (3, 2)
     torch.testing.assert_close(loss, F.cross_entropy(logits, y))
-    qa = tiny("distilbert-qa")
+    qa = tiny(f"{family}-qa")
     logits, loss = qa(x, torch.tensor([[1, 3], [0, 7], [2, 100]]))  # 100: outside the window, ignored
     assert logits.shape == (3, 8, 2)
     start = F.cross_entropy(logits[:, :, 0], torch.tensor([1, 0, 2]))

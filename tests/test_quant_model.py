@@ -104,8 +104,8 @@ def test_tied_weights_left_in_float():
     from trainers.models.gpt2 import GPT2Config, GPT2LMHeadModel
     model = GPT2LMHeadModel(GPT2Config.tiny())
     n = sum(p.numel() for p in model.parameters())
-    with pytest.warns(UserWarning, match="lm_head.weight is shared"):
-        quantize_model(model, bits=4)
+    with pytest.warns(UserWarning, match=r"lm_head \(its weight is shared with another module: tied\)"):
+        quantize_model(model, bits=4, include_head=True)                # even when heads may be quantized
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.transformer.wte.weight
     assert isinstance(model.transformer.h[0].attn.c_attn, Linear4bit)
     assert memory_report(model).total_params == n
@@ -171,3 +171,43 @@ def test_requantize_merged_reports_error():
         assert 0 < r.mean_abs <= r.max_abs
     assert isinstance(model.blocks[0]["q_proj"], Linear4bit) and type(model.head) is nn.Linear
     assert "blocks.0.up" in str(report)
+
+
+def tiny_llama():
+    from trainers.models.llama import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig.tiny(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64))
+
+
+def test_output_head_and_embeddings_stay_float_by_default():
+    """QLoRA practice: the LM head (here untied) and the embeddings stay float, and the call says so."""
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match=r"left in float: lm_head \(output head; include_head=True.*"
+                                         r"embeddings stay float too: \['model.embed_tokens'\]"):
+        quantize_model(model, bits=4)
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
+    included = quantize_model(tiny_llama(), bits=4, include_head=True)
+    assert isinstance(included.lm_head, Linear4bit)
+    classifier = Tiny()                                      # task heads too (score, classifier, ...)
+    classifier.classifier = classifier.head
+    del classifier.head
+    with pytest.warns(UserWarning, match="left in float: classifier"):
+        quantize_model(classifier, bits=8)
+    assert type(classifier.classifier) is nn.Linear and isinstance(classifier.blocks[0]["up"], Linear8bit)
+
+
+def test_method_names_the_format():
+    assert set(_kinds(quantize_model(Tiny(), method="nf4")).values()) == {"Linear4bit"}
+    assert set(_kinds(quantize_model(Tiny(), method="int8")).values()) == {"Linear8bit"}   # bits 8 implied
+    assert set(_kinds(quantize_model(Tiny(), bits=8, method="int8")).values()) == {"Linear8bit"}
+    mixed = quantize_model(Tiny(), bits={"up": 4, "down": 4}, method="nf4")
+    assert _kinds(mixed)["blocks.0.up"] == "Linear4bit" and _kinds(mixed)["head"] == "Linear"
+    model = Tiny()
+    with pytest.raises(ValueError, match=r"bits=4 and method='int8' disagree \(int8 is 8-bit\)"):
+        quantize_model(model, bits=4, method="int8")
+    with pytest.raises(ValueError, match=r"bits\['up'\]=8 and method='nf4' disagree"):
+        quantize_model(model, bits={"down": 4, "up": 8}, method="nf4")
+    with pytest.raises(ValueError, match=r"method must be one of \['int8', 'nf4'\], got 'fp4'"):
+        quantize_model(model, method="fp4")
+    assert set(_kinds(model).values()) == {"Linear"}         # refusals change nothing

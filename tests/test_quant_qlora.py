@@ -14,7 +14,7 @@ TARGETS = ("c_attn", "c_proj", "c_fc")
 def _qlora_model():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config.tiny(n_embd=64))
-    with pytest.warns(UserWarning, match="lm_head.weight is shared"):   # tied to wte: stays float
+    with pytest.warns(UserWarning, match="left in float: lm_head"):     # the output head stays float
         quantize_model(model, bits=4, blocksize=32)
     return add_lora_to_model(model, target_modules=TARGETS, r=8, lora_alpha=16)
 
@@ -74,3 +74,92 @@ def test_merge_then_requantize_reports_error():
     assert isinstance(model.transformer.h[0].attn.c_attn, Linear4bit)
     logits_requant, _ = model(idx)
     assert (logits_requant - logits_merged).norm() < 0.2 * logits_merged.norm()
+
+
+# --- QLoRALinear: the lecture's one-layer form (quantization/qlora.py) ----------------------------
+def test_qlora_linear_quantizes_a_float_linear_or_wraps_a_quantized_one():
+    import torch.nn as nn
+
+    from lora import LoRALinear
+    from quantization import Linear8bit, QLoRALinear
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    before = linear.weight.detach().clone()
+    layer = QLoRALinear(linear, rank=4, alpha=8)
+    assert isinstance(layer, LoRALinear) and isinstance(layer.base_layer, Linear4bit)
+    assert torch.equal(linear.weight, before)                               # the given layer is left as it is
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 64)
+    want = Linear4bit.from_linear(linear)(x) + layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(layer(x), want)
+    assert isinstance(QLoRALinear(linear, rank=2, method="int8").base_layer, Linear8bit)
+    assert isinstance(QLoRALinear(linear, rank=2, bits=8).base_layer, Linear8bit)
+    assert QLoRALinear(linear, blocksize=32, double_quant=False).base_layer.blocksize == 32
+    packed = Linear4bit.from_linear(linear, blocksize=32)
+    assert QLoRALinear(packed, rank=2).base_layer is packed                 # already quantized: used as it is
+    with pytest.raises(TypeError, match=r"already quantized \(Linear4bit\).*\['bits'\]"):
+        QLoRALinear(packed, bits=4)
+    with pytest.raises(ValueError, match="bits=4 and method='int8' disagree"):
+        QLoRALinear(linear, bits=4, method="int8")
+    with pytest.raises(ValueError, match="double_quant is an NF4 option"):
+        QLoRALinear(linear, bits=8, double_quant=False)
+    with pytest.raises(TypeError, match="already an adapter"):
+        QLoRALinear(layer)
+    with pytest.raises(TypeError, match="must be an nn.Linear.*got Conv1d"):
+        QLoRALinear(nn.Conv1d(4, 4, 1))
+    from test_conv1d_layout import twins                                   # transformers' Conv1D, (in, out)
+    conv, twin = twins(64, 32)
+    assert torch.equal(QLoRALinear(conv).base_layer.dequantize(), Linear4bit.from_linear(twin).dequantize())
+
+
+def test_qlora_linear_layers_save_and_load_as_lora(tmp_path):
+    """Swapped in by hand, QLoRALinear layers are LoRA adapters to the adapter files, both ways."""
+    from lora import adapter_layers, load_adapter, save_adapter
+    from quantization import QLoRALinear
+
+    def with_qlora_layers():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config.tiny(n_embd=64))
+        for block in model.transformer.h:
+            block.attn.c_attn = QLoRALinear(block.attn.c_attn, rank=4, blocksize=32)
+        return model
+
+    model = with_qlora_layers()
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lora_B.normal_()
+    save_adapter(model, tmp_path)
+    idx = torch.randint(0, 97, (2, 8))
+    into_same_kind = load_adapter(with_qlora_layers(), tmp_path)           # existing QLoRALinear adapters
+    assert torch.equal(into_same_kind(idx)[0], model(idx)[0])
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(GPT2Config.tiny(n_embd=64))
+    quantize_model(plain, bits={"c_attn": 4}, blocksize=32)
+    fresh = load_adapter(plain, tmp_path)                                   # LoRALinear over Linear4bit
+    assert torch.equal(fresh(idx)[0], model(idx)[0])
+
+
+def test_only_qlora_py_joins_lora_and_quantization():
+    """The layering DESIGN.md asks for, read from the sources: lora never imports quantization; of
+    quantization, only qlora.py imports lora at module level (__init__ exports QLoRALinear lazily,
+    inside a function), so `import quantization` needs torch alone."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+
+    def imports(nodes):
+        names = []
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                names += [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.append(node.module.split(".")[0])
+        return names
+
+    for path in (root / "lora").glob("*.py"):                   # anywhere in the file
+        assert "quantization" not in imports(ast.walk(ast.parse(path.read_text()))), path.name
+    for path in (root / "quantization").glob("*.py"):           # at module level
+        uses_lora = "lora" in imports(ast.parse(path.read_text()).body)
+        assert uses_lora == (path.name == "qlora.py"), path.name

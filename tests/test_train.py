@@ -355,3 +355,202 @@ def test_gradient_checkpointing_gives_the_same_training():
         losses.append([r["loss"] for r in result.loss_log])
         assert model.config.gradient_checkpointing is ckpt
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- resume: all-or-nothing
+
+def _grown_checkpoint(folder):
+    """A finished run whose LoRA layer grew 2 -> 4; its checkpoint.pt holds rank 4."""
+    train(make_model(), epoch_batches(make_data(), 8), cfg(steps=6, checkpoint_every=3), out_dir=folder,
+          allocator=GrowingAllocator(at=1))
+    return folder / "checkpoint.pt"
+
+
+def test_resume_into_a_model_whose_adapters_differ_changes_nothing(tmp_path):
+    from tests.snapshot import assert_unchanged, snapshot
+    _grown_checkpoint(tmp_path)
+    model = make_model()
+    model.head = LoRALinear(model.head, rank=2, alpha=4)     # one more adapter than the checkpoint's run
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt'?: the model has an adapter 'head' \(LoRALinear\) "
+                                         r"that the checkpoint lacks"):
+        train(model, epoch_batches(make_data(), 8), cfg(steps=6), out_dir=tmp_path, resume=True,
+              allocator=GrowingAllocator(at=1))
+    assert_unchanged(before, model)                           # mid was not resized to 4 first
+    assert model.mid.rank == 2
+
+
+def test_resume_refuses_trainable_parameters_of_another_shape_before_resizing(tmp_path):
+    from tests.snapshot import assert_unchanged, snapshot
+    path = _grown_checkpoint(tmp_path)
+    state = torch.load(path, weights_only=False)
+    state["trainable"]["mid.lora_A"] = torch.zeros(4, D + 1)   # in_features disagree at the saved rank
+    torch.save(state, path)
+    model = make_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"trainable\['mid.lora_A'\] has shape \(4, 17\), "
+                                         r"the model's is \(4, 16\)"):
+        train(model, epoch_batches(make_data(), 8), cfg(steps=6), out_dir=tmp_path, resume=True,
+              allocator=GrowingAllocator(at=1))
+    assert_unchanged(before, model)
+
+
+def test_resume_failing_at_the_last_moment_is_undone(tmp_path, monkeypatch):
+    import trainers.train as train_module
+    from tests.snapshot import assert_unchanged, snapshot
+    _grown_checkpoint(tmp_path)
+    model = make_model()
+    before, rng = snapshot(model), torch.get_rng_state()
+    real, calls = train_module._set_rng_state, []
+
+    def flaky(state):                       # the RNG is restored last: fail there, after everything else
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        real(state)
+    monkeypatch.setattr(train_module, "_set_rng_state", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        train_module._load_checkpoint(tmp_path / "checkpoint.pt", model, GrowingAllocator(at=1), None, cfg(steps=6))
+    assert_unchanged(before, model)         # back at rank 2, same Parameter objects and values
+    assert torch.equal(torch.get_rng_state(), rng)
+    monkeypatch.setattr(train_module, "_set_rng_state", real)
+    train_module._load_checkpoint(tmp_path / "checkpoint.pt", model, GrowingAllocator(at=1), None, cfg(steps=6))
+    assert model.mid.rank == 4
+
+
+def test_resume_refuses_an_adapter_of_another_method(tmp_path):
+    from lora.hira import HiRALinear
+    train(make_model(), epoch_batches(make_data(), 8), cfg(steps=2, checkpoint_every=1), out_dir=tmp_path)
+    model = make_model()
+    model.mid = HiRALinear(model.mid.base_layer, rank=2, alpha=4)   # same parameter names and shapes
+    with pytest.raises(ValueError, match="adapter 'mid' is a LoRALinear in the checkpoint, a HiRALinear in the "
+                                         "model"):
+        train(model, epoch_batches(make_data(), 8), cfg(steps=2), out_dir=tmp_path, resume=True)
+
+
+def test_resume_with_or_without_an_allocator_must_match_the_run(tmp_path):
+    _grown_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="written with an allocator, the run resumes without one"):
+        train(make_model(), epoch_batches(make_data(), 8), cfg(steps=6), out_dir=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not_a_checkpoint", "text"])
+def test_damaged_checkpoints_are_value_errors_naming_the_file(tmp_path, damage):
+    path = _grown_checkpoint(tmp_path)
+    raw = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "not_a_checkpoint":
+        torch.save({"step": 3}, path)
+    else:
+        path.write_text("step,loss\n1,2.0\n")
+    model = make_model()
+    with pytest.raises(ValueError, match=r"resume: .*checkpoint\.pt.*(empty|truncated|not a training checkpoint)"):
+        train(model, epoch_batches(make_data(), 8), cfg(steps=6), out_dir=tmp_path, resume=True,
+              allocator=GrowingAllocator(at=1))
+    assert model.mid.rank == 2
+
+
+# ----------------------------------------------------------------------------- models that are not ours
+
+class Output:
+    """What a transformers ModelOutput offers train(): attributes, no tuple."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+class HFStyle(nn.Module):
+    """TinyLM behind a transformers-style call: `labels=` in, an object with `.loss` out."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits, loss = self.inner(input_ids, labels, attention_mask)
+        return Output(loss=loss, logits=logits)
+
+
+class HFStyleSpans(nn.Module):
+    """A transformers QA-style call: start_positions/end_positions, start/end logits, no `.logits`."""
+
+    def __init__(self):
+        super().__init__()
+        self.qa = nn.Linear(D, 2)
+        self.emb = nn.Embedding(V, D)
+
+    def forward(self, input_ids, attention_mask=None, start_positions=None, end_positions=None):
+        start, end = self.qa(self.emb(input_ids)).unbind(-1)  # (B, T) each
+        loss = (F.cross_entropy(start, start_positions) + F.cross_entropy(end, end_positions)) / 2
+        return Output(loss=loss, start_logits=start, end_logits=end)
+
+
+def test_transformers_style_models_train_like_ours():
+    """Two ways: TinyLM called with targets= returning (logits, loss), and the same model behind
+    labels= returning an object with .loss: the same losses, step by step."""
+    data = make_data()
+    ours = train(make_model(), epoch_batches(data, 8, seed=0), cfg(steps=4))
+    theirs = train(HFStyle(make_model()), epoch_batches(data, 8, seed=0), cfg(steps=4))
+    assert [r["loss"] for r in theirs.loss_log] == [r["loss"] for r in ours.loss_log]
+
+    torch.manual_seed(0)
+    spans = HFStyleSpans()
+    x = torch.randint(0, V, (16, T), generator=torch.Generator().manual_seed(3))
+    labels = torch.stack([x.argmax(1), x.argmin(1)], dim=1)  # (B, 2) = (start, end), as trainers.data makes them
+    before = spans.qa.weight.detach().clone()
+    result = train(spans, epoch_batches({"input_ids": x, "labels": labels}, 8, seed=0), cfg(steps=3))
+    assert all(math.isfinite(r["loss"]) for r in result.loss_log)
+    assert not torch.equal(spans.qa.weight, before)
+
+
+def test_models_that_train_cannot_call_or_read_are_named():
+    data = make_data()
+
+    class NoLabels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None):
+            return Output(loss=self.w.sum())
+
+    with pytest.raises(TypeError, match=r"NoLabels.forward\(input_ids, attention_mask=None\) takes no labels; "
+                                        r"train\(\) calls model\(input_ids, targets=labels"):
+        train(NoLabels(), epoch_batches(data, 8), cfg(steps=1))
+
+    class LossFirst(TinyLM):  # transformers' return_dict=False order: (loss, logits)
+        def forward(self, idx, targets=None, attention_mask=None):
+            logits, loss = super().forward(idx, targets, attention_mask)
+            return loss, logits
+
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match=r"returned a tuple of 2 whose loss is \(8, 8, 11\)-shaped tensor; "
+                                        r"train\(\) needs \(logits, loss\)"):
+        train(LossFirst(), epoch_batches(data, 8), cfg(steps=1))
+
+    class NoLoss(HFStyle):  # called with labels= but returns no loss
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            return Output(loss=None, logits=self.inner(input_ids)[0])
+
+    with pytest.raises(TypeError, match="returned Output whose loss is None"):
+        train(NoLoss(make_model()), epoch_batches(data, 8), cfg(steps=1))
+
+
+@pytest.mark.ref
+def test_train_a_transformers_gpt2():
+    """A transformers GPT2LMHeadModel (ModelOutput out, labels= in, labels shifted inside)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=16, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    x = make_data()["input_ids"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(model, epoch_batches({"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}, 8,
+                                        seed=0), cfg(steps=3, lr=3e-3))
+    losses = [r["loss"] for r in result.loss_log]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -10,7 +10,8 @@ Every load goes through an explicit key map (our parameter name -> checkpoint ke
 a shape check per tensor. Nothing is copied until every key is accounted for: a missing,
 unexpected or misshapen tensor fails with a message that names it. The only tensors
 allowed to be absent are a freshly added task head (e.g. `classifier` when a base
-DistilBERT is loaded for classification); the report lists them.
+DistilBERT is loaded for classification); the report lists them. Loaded models come
+back in eval mode, as transformers' `from_pretrained` returns them.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from trainers.models import MODELS, DistilBertConfig, GPT2Config, LlamaConfig, LlamaForCausalLM
+from trainers.models import MODELS, DistilBertConfig, GPT2Config, LlamaConfig
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -61,14 +62,38 @@ def resolve_source(source, allow_patterns: list[str] | None = None) -> Path:
 
 
 def _read_one(file: Path) -> dict[str, Tensor]:
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint: weights file {str(file)!r} not found")
+    if file.stat().st_size == 0:
+        raise ValueError(f"checkpoint: weights file {str(file)!r} is empty (0 bytes); it is corrupt or truncated")
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
-            return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True)
+            tensors = load_file(str(file))
+        else:
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"checkpoint: cannot read weights file {str(file)!r}; it looks corrupt or truncated "
                          f"({type(error).__name__}: {error})") from error
+    bad = [k for k, v in tensors.items() if not torch.is_tensor(v)] if isinstance(tensors, dict) else None
+    if bad is None or bad:
+        raise ValueError(f"checkpoint: {str(file)!r} does not hold a state dict of tensors"
+                         + (f" (not a tensor: {bad[:5]})" if bad else f" (it holds a {type(tensors).__name__})"))
+    return tensors
+
+
+def _read_json(file: Path, what: str) -> dict:
+    """A JSON object from `file`; ValueError naming the file, the line and the column otherwise."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"checkpoint: {str(file)!r} is not valid JSON (line {error.lineno}, column "
+                         f"{error.colno}: {error.msg})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"checkpoint: {str(file)!r} is not UTF-8 text (byte {error.start})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"checkpoint: {str(file)!r} must hold a JSON object ({what}), got {type(value).__name__}")
+    return value
 
 
 def read_weights(folder: Path) -> dict[str, Tensor]:
@@ -79,9 +104,15 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
         if not file.exists():
             continue
         if name.endswith(".index.json"):
-            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+            weight_map = _read_json(file, "a shard index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"checkpoint: {str(file)!r}: key 'weight_map' must map tensor names to shard "
+                                 f"file names, got {weight_map!r:.80}")
             tensors = {}
-            for shard in shards:
+            for shard in sorted(set(weight_map.values())):
+                if not (folder / shard).is_file():
+                    raise FileNotFoundError(f"checkpoint: {str(file)!r} lists the shard {shard!r}, which is not in "
+                                            f"{str(folder)!r}")
                 tensors.update(_read_one(folder / shard))
             return tensors
         return _read_one(file)
@@ -94,10 +125,7 @@ def read_hf_config(folder: Path) -> dict:
     file = Path(folder) / "config.json"
     if not file.exists():
         raise FileNotFoundError(f"checkpoint: no config.json in {str(folder)!r}")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"checkpoint: {str(file)!r} is not valid JSON ({error})") from error
+    return _read_json(file, "the model configuration")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -146,7 +174,8 @@ def config_from_hf(hf: dict):
             hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             max_seq_len=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False))
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            num_labels=_num_labels(hf), pad_token_id=hf.get("pad_token_id"))
     raise ValueError(f"checkpoint: model_type {model_type!r} is not supported; known: gpt2, distilbert, llama")
 
 
@@ -155,13 +184,16 @@ ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2", "GPT2ForSequenceClassification": "gpt2-cls",
     "DistilBertForSequenceClassification": "distilbert-cls", "DistilBertForQuestionAnswering": "distilbert-qa",
     "DistilBertModel": "distilbert-cls", "DistilBertForMaskedLM": "distilbert-cls",
-    "LlamaForCausalLM": "llama", "LlamaModel": "llama",
+    "LlamaForCausalLM": "llama", "LlamaModel": "llama", "LlamaForSequenceClassification": "llama-cls",
+    "LlamaForQuestionAnswering": "llama-qa",
 }
 
 
 # ----------------------------------------------------------------------------- key maps
 # Each map: our parameter name -> checkpoint key, after the checkpoint's base-model prefix
 # ("transformer.", "distilbert.", "model.") has been stripped (HF saves base models without it).
+# LLaMA has two: HF's LlamaForQuestionAnswering keeps its trunk under "transformer.", the
+# other heads under "model.", and a base model loads into any head.
 
 GPT2_BLOCK = ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
               "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
@@ -181,6 +213,7 @@ class KeyMap:
     transpose: set[str] = field(default_factory=set)  # ours whose checkpoint tensor is (in, out)
     fresh_heads: tuple[str, ...] = ()  # our name prefixes that may be missing (new task heads)
     ignore: tuple[str, ...] = ()  # regexes of checkpoint keys to drop (buffers, other heads)
+    other_prefixes: tuple[str, ...] = ()  # further base-model prefixes, stripped like `prefix`
 
 
 def hf_key_map(family: str, config) -> KeyMap:
@@ -202,13 +235,16 @@ def hf_key_map(family: str, config) -> KeyMap:
                       ignore=(r"embeddings\.position_ids", r"vocab_(transform|layer_norm|projector)\.\w+",
                               r"(pre_classifier|classifier|qa_outputs)\.\w+"))
     if family == "llama":
-        names = {f"model.{k}": k for k in ("embed_tokens.weight", "norm.weight")}
-        names.update({f"model.layers.{i}.{k}": f"layers.{i}.{k}" for i in range(config.n_layers) for k in LLAMA_BLOCK})
-        names["lm_head.weight"] = "lm_head.weight"
-        ignore = (r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
-        if config.tie_word_embeddings:
-            ignore += (r"lm_head\.weight",)  # a tied model reads its head from embed_tokens
-        return KeyMap("model.", names, ignore=ignore)
+        trunk = ["embed_tokens.weight", "norm.weight"] + \
+                [f"layers.{i}.{k}" for i in range(config.n_layers) for k in LLAMA_BLOCK]
+        names = {f"{attr}.{k}": k for attr in ("model", "transformer") for k in trunk}  # LM/cls or QA trunk
+        names.update({k: k for k in ("lm_head.weight", "score.weight", "qa_outputs.weight", "qa_outputs.bias")})
+        # unused heads are dropped: a tied model reads lm_head from embed_tokens, a classifier
+        # loaded from a causal LM has no lm_head (a missing lm_head still fails: it is no fresh head)
+        ignore = (r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"lm_head\.weight", r"score\.weight",
+                  r"qa_outputs\.\w+")
+        return KeyMap("model.", names, fresh_heads=("score.", "qa_outputs."), ignore=ignore,
+                      other_prefixes=("transformer.",))
     raise ValueError(f"no key map for model family {family!r}")
 
 
@@ -221,7 +257,8 @@ class LoadReport:
 
 def load_mapped(model: nn.Module, tensors: dict[str, Tensor], key_map: KeyMap) -> LoadReport:
     """Copy checkpoint tensors into model through key_map; fails naming every bad key."""
-    tensors = {k[len(key_map.prefix):] if k.startswith(key_map.prefix) else k: v for k, v in tensors.items()}
+    prefixes = (key_map.prefix, *key_map.other_prefixes)
+    tensors = {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in tensors.items()}
     ours = dict(model.named_parameters())  # a tied weight appears once, under its first name
     missing, misshapen, fresh, plan = [], [], [], []
     for name, param in ours.items():
@@ -260,11 +297,17 @@ def load_hf_model(source, kind: str | None = None, dtype: torch.dtype | None = N
     kind: one of trainers.models.MODELS; by default taken from the checkpoint's
       `architectures` (a base or MLM DistilBERT becomes "distilbert-cls").
     overrides: config fields to change, e.g. num_labels=4, dropout=0.0.
-    The report of the load is kept on `model.load_report`.
+    The model comes back in eval mode, as transformers' `from_pretrained` returns it
+    (dropout off, so a loaded model scores deterministically); train() switches it to
+    training mode itself. The report of the load is kept on `model.load_report`.
     """
     folder = resolve_source(source)
     hf = read_hf_config(folder)
-    family, config = config_from_hf(hf)
+    try:
+        family, config = config_from_hf(hf)
+    except KeyError as error:       # a field config_from_hf needs (n_embd, hidden_size, ...)
+        raise ValueError(f"checkpoint: {str(folder / 'config.json')!r} lacks the key {error.args[0]!r}, "
+                         f"needed for model_type {hf.get('model_type')!r}") from None
     if kind is None:
         kind = next((ARCHITECTURES[a] for a in hf.get("architectures") or [] if a in ARCHITECTURES), family)
     if kind not in MODELS:
@@ -280,7 +323,7 @@ def load_hf_model(source, kind: str | None = None, dtype: torch.dtype | None = N
     if dtype is not None:
         model.to(dtype)
     model.load_report = load_mapped(model, read_weights(folder), hf_key_map(family, config))
-    return model
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- llama2.c
@@ -293,12 +336,20 @@ def permute_rotary(w: Tensor, n_heads: int) -> Tensor:
     return w.view(n_heads, hs // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
 
 
-def load_llama2c(path) -> LlamaForCausalLM:
+def load_llama2c(path, kind: str = "llama", **overrides) -> nn.Module:
     """A llama2.c legacy (version 0) checkpoint: 7 int32 header, then float32 arrays.
 
     Header: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len; vocab_size > 0
     means the classifier is tied to the token embedding, < 0 that a separate one follows.
+    kind: "llama" (the language model), or "llama-cls" / "llama-qa": the trunk loaded under
+      a fresh task head; overrides: config fields, e.g. num_labels=4.
+    Returned in eval mode, like load_hf_model, with the load report on `model.load_report`.
     """
+    if kind not in ("llama", "llama-cls", "llama-qa"):
+        raise ValueError(f"load_llama2c: kind must be 'llama', 'llama-cls' or 'llama-qa', got {kind!r}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}
+    if unknown:
+        raise ValueError(f"load_llama2c: LlamaConfig has no field(s) {sorted(unknown)}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"llama2.c checkpoint {str(path)!r} not found")
@@ -336,7 +387,7 @@ def load_llama2c(path) -> LlamaForCausalLM:
     angles = positions * (1.0 / config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
     if not torch.allclose(arrays["freq_cis_real"], angles.cos(), atol=1e-4):
         raise ValueError(f"{str(path)!r}: its RoPE table does not match theta={config.rope_theta}")
-    model = LlamaForCausalLM(config)
+    model = MODELS[kind][1](dataclasses.replace(config, **overrides))
     tensors = {"embed_tokens.weight": arrays["tok_embeddings"], "norm.weight": arrays["norm"]}
     if not tied:
         tensors["lm_head.weight"] = arrays["output"]
@@ -349,5 +400,5 @@ def load_llama2c(path) -> LlamaForCausalLM:
             layer + "mlp.gate_proj.weight": arrays["w1"][i], layer + "mlp.down_proj.weight": arrays["w2"][i],
             layer + "mlp.up_proj.weight": arrays["w3"][i], layer + "input_layernorm.weight": arrays["attention_norm"][i],
             layer + "post_attention_layernorm.weight": arrays["ffn_norm"][i]})
-    load_mapped(model, tensors, hf_key_map("llama", config))
-    return model
+    model.load_report = load_mapped(model, tensors, hf_key_map("llama", config))
+    return model.eval()

@@ -25,6 +25,7 @@ the same epoch (seed any shuffling by the epoch, as `epoch_batches` does).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import resource
@@ -39,7 +40,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from allocation.controller import restore_layer, snapshot_layer
 from lora.model import adapter_layers, count_parameters
+from trainers.config_checks import check_choice, check_device, check_dtype, check_floats, check_ints
 from trainers.device import Runtime
 from trainers.optim import SCHEDULES, lr_at, make_optimizer
 from trainers.results import atomic_torch_save
@@ -67,6 +70,16 @@ class TrainConfig:
     paged_adamw: bool = False       # AdamW with moments in (pinned) CPU memory, trainers/optim.py
     progress: bool = True           # tqdm bar with loss and tokens/s
     min_lr_ratio: float = 0.1       # cosine/linear decay ends at lr * min_lr_ratio
+
+    def __post_init__(self):
+        """Refuse a bad value when the config is built (trainers/config_checks.py)."""
+        check_ints(self, ("steps", "batch_size", "grad_accum"), minimum=1)
+        check_ints(self, ("warmup_steps", "eval_every", "log_every", "checkpoint_every", "seed"), minimum=0)
+        check_floats(self, ("lr", "weight_decay", "clip"), minimum=0)
+        check_floats(self, ("min_lr_ratio",), minimum=0, maximum=1)
+        check_choice(self, "schedule", SCHEDULES)
+        check_device(self)
+        check_dtype(self)
 
 
 @dataclass
@@ -171,6 +184,7 @@ def _save_checkpoint(path: Path, model, optimizer, allocator, scaler, *, step: i
         "trainable": trainable,
         "adapter_buffers": {n: b.detach().to("cpu", copy=True) for n, b in _adapter_buffers(model).items()},
         "ranks": {n: int(layer.rank) for n, layer in _low_rank_layers(model)},
+        "adapter_types": {n: type(layer).__name__ for n, layer in adapter_layers(model)},
         "optimizer": optimizer.state_dict(),
         "optimizer_param_names": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups],
         "allocator": allocator.state_dict() if allocator is not None else None,
@@ -180,47 +194,160 @@ def _save_checkpoint(path: Path, model, optimizer, allocator, scaler, *, step: i
     atomic_torch_save(path, state)
 
 
-def _load_checkpoint(path: Path, model, allocator, scaler, cfg: TrainConfig):
-    """Restore a checkpoint into `model` and return (optimizer, state). Order matters:
-    ranks first (a dynamic allocator may have resized layers, so the parameter shapes
-    differ from a fresh model's), then parameters, optimizer, allocator, and the RNG
-    last (resizing draws random numbers)."""
+CHECKPOINT_KEYS = ("step", "position", "config", "trainable", "adapter_buffers", "ranks", "optimizer",
+                   "optimizer_param_names", "allocator", "scaler", "rng", "loss_log", "eval_log")
+RANKED_DIMS = {"lora_A": 0, "lora_E": 0, "lora_B": 1}   # the rank's dimension in the factors (lora/base.py, svd.py)
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint's dict; ValueError naming the file when it is empty, truncated or not ours."""
     if not path.exists():
         raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r} (train with checkpoint_every > 0 first)")
-    state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: holds RNG tuples
-    layers = dict(_low_rank_layers(model)) if state["ranks"] else {}
-    for name, rank in state["ranks"].items():
-        if name not in layers:
-            raise KeyError(f"resume: the checkpoint has a low-rank layer {name!r} the model does not have")
-        if layers[name].rank != rank:
-            layers[name].resize(rank)
+    if path.stat().st_size == 0:
+        raise ValueError(f"resume: {str(path)!r} is empty (0 bytes), not a checkpoint; delete it and train "
+                         f"without resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: holds RNG tuples
+    except Exception as error:
+        raise ValueError(f"resume: cannot read {str(path)!r}: truncated, or not a checkpoint written by train() "
+                         f"({type(error).__name__}: {error})") from error
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise ValueError(f"resume: {str(path)!r} is not a training checkpoint written by train(): "
+                         f"it lacks the key(s) {missing}")
+    return state
+
+
+def _check_checkpoint(state: dict, model: nn.Module, allocator, where: str) -> dict[str, int]:
+    """Compare the checkpoint's adapters (names, methods, ranks, shapes) and trainable parameters
+    with the model before anything changes; returns the layers to resize, {name: rank}."""
+    adapters = dict(adapter_layers(model))
+    layers = dict(_low_rank_layers(model))
+    saved_types = state.get("adapter_types")
+    if saved_types is not None:
+        for name in sorted(set(saved_types) | set(adapters)):
+            theirs, ours = saved_types.get(name), type(adapters[name]).__name__ if name in adapters else None
+            if theirs != ours:
+                raise ValueError(f"resume: {where}: " + (
+                    f"the model has an adapter {name!r} ({ours}) that the checkpoint lacks" if theirs is None else
+                    f"the checkpoint has an adapter {name!r} ({theirs}) that the model lacks" if ours is None else
+                    f"adapter {name!r} is a {theirs} in the checkpoint, a {ours} in the model"))
+    ranks = state["ranks"]
+    extra, absent = sorted(set(ranks) - set(layers)), sorted(set(layers) - set(ranks))
+    if extra or absent:
+        raise ValueError(f"resume: {where}: low-rank layers differ: in the checkpoint only {extra[:5]}, "
+                         f"in the model only {absent[:5]}")
+    for name, rank in ranks.items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"resume: {where}: ranks[{name!r}] must be a positive int, got {rank!r}")
+    resize = {name: rank for name, rank in ranks.items() if layers[name].rank != rank}
     current = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = state["trainable"]
     missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
     if missing or extra:
-        raise KeyError(f"resume: trainable parameters differ from the checkpoint's: "
-                       f"missing from it {missing[:5]}, unexpected in it {extra[:5]}")
-    with torch.no_grad():
-        for name, p in current.items():
-            if p.shape != saved[name].shape:
-                raise ValueError(f"resume: {name!r} has shape {tuple(p.shape)}, checkpoint has "
-                                 f"{tuple(saved[name].shape)}")
-            p.copy_(saved[name])
-        buffers = _adapter_buffers(model)
-        for name, value in state["adapter_buffers"].items():
-            if name not in buffers or buffers[name].shape != value.shape:
-                raise KeyError(f"resume: adapter buffer {name!r} is missing or has another shape in the model")
-            buffers[name].copy_(value)
+        raise ValueError(f"resume: {where}: trainable parameters differ from the checkpoint's: "
+                         f"missing from it {missing[:5]}, unexpected in it {extra[:5]}")
+    for name, p in current.items():   # the shapes a resize to the saved ranks will give
+        owner, _, leaf = name.rpartition(".")
+        shape = list(p.shape)
+        if owner in resize and leaf in RANKED_DIMS:
+            shape[RANKED_DIMS[leaf]] = resize[owner]
+        if owner not in resize or leaf in RANKED_DIMS:
+            if tuple(saved[name].shape) != tuple(shape):
+                raise ValueError(f"resume: {where}: trainable[{name!r}] has shape {tuple(saved[name].shape)}, "
+                                 f"the model's is {tuple(shape)}" + (" at the saved rank" if owner in resize else ""))
+    buffers = _adapter_buffers(model)
+    if set(buffers) != set(state["adapter_buffers"]):
+        raise ValueError(f"resume: {where}: adapter buffers differ: in the checkpoint only "
+                         f"{sorted(set(state['adapter_buffers']) - set(buffers))[:5]}, in the model only "
+                         f"{sorted(set(buffers) - set(state['adapter_buffers']))[:5]}")
+    names = [n for group in state["optimizer_param_names"] for n in group]
+    unknown = [n for n in names if n not in current]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"resume: {where}: optimizer_param_names must name each trainable parameter once; "
+                         f"unknown or repeated: {unknown[:5] or names}")
+    if (allocator is None) != (state["allocator"] is None):
+        raise ValueError(f"resume: {where} was written " + ("with" if allocator is None else "without") +
+                         f" an allocator, the run resumes " + ("without" if allocator is None else "with") +
+                         " one; pass the same allocator as the run that wrote it")
+    return resize
+
+
+def _check_after_resize(state: dict, model: nn.Module, where: str) -> None:
+    """Exact shapes, once the layers have the saved ranks (the optimizer's moments included)."""
     params = dict(model.named_parameters())
-    order = [params[n] for group in state["optimizer_param_names"] for n in group]
-    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.paged_adamw,
-                               params=order)
-    optimizer.load_state_dict(state["optimizer"])
-    if allocator is not None and state["allocator"] is not None:
-        allocator.load_state_dict(state["allocator"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
+    tensors = {**{("trainable", n): t for n, t in state["trainable"].items()},
+               **{("adapter_buffers", n): t for n, t in state["adapter_buffers"].items()}}
+    live = {**{("trainable", n): params[n] for n in state["trainable"]}, **{
+        ("adapter_buffers", n): b for n, b in _adapter_buffers(model).items()}}
+    for (key, name), t in tensors.items():
+        if not torch.is_tensor(t) or t.shape != live[key, name].shape:
+            raise ValueError(f"resume: {where}: {key}[{name!r}] has shape {tuple(getattr(t, 'shape', ()))}, "
+                             f"the model's is {tuple(live[key, name].shape)}")
+    names = [n for group in state["optimizer_param_names"] for n in group]
+    for index, entry in state["optimizer"].get("state", {}).items():
+        for k, v in entry.items():
+            if torch.is_tensor(v) and v.dim() > 0 and (index >= len(names) or v.shape != params[names[index]].shape):
+                what = names[index] if index < len(names) else f"#{index}"
+                raise ValueError(f"resume: {where}: optimizer state {k!r} of {what} has shape {tuple(v.shape)}, "
+                                 f"the parameter's is {tuple(params[what].shape) if what in params else 'unknown'}")
+
+
+def _load_checkpoint(path: Path, model, allocator, scaler, cfg: TrainConfig):
+    """Restore a checkpoint into `model` and return (optimizer, state), all-or-nothing.
+
+    Everything that can be compared is compared first (adapters, ranks, trainable names and
+    shapes, buffers, optimizer parameter names, whether an allocator ran). Then, in this order:
+    resize to the saved ranks (a dynamic allocator may have resized layers, so the shapes
+    differ from a fresh model's), exact shape checks, optimizer, allocator, scaler, the
+    parameter and buffer values, and the RNG last (resizing draws random numbers). If any
+    of it fails, the layers (same Parameter objects), values, allocator, scaler and RNG are
+    put back before the error goes on."""
+    state = _read_checkpoint(path)
+    where = repr(str(path))
+    resize = _check_checkpoint(state, model, allocator, where)
+    layers = dict(_low_rank_layers(model))
+    current = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    buffers = _adapter_buffers(model)
+    layer_snaps = {name: snapshot_layer(layers[name]) for name in resize}   # objects, values, scaling
+    values = [(t, t.detach().clone()) for n, t in list(current.items()) + list(buffers.items())
+              if n.rpartition(".")[0] not in resize]
+    backups = {"rng": _rng_state(), "allocator": allocator.state_dict() if allocator is not None else None,
+               "scaler": scaler.state_dict() if scaler is not None else None}
+    try:
+        for name, rank in resize.items():
+            layers[name].resize(rank)
+        _check_after_resize(state, model, where)
+        params = dict(model.named_parameters())
+        order = [params[n] for group in state["optimizer_param_names"] for n in group]
+        optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.paged_adamw,
+                                   params=order)
+        for key, target in (("optimizer", optimizer), ("allocator", allocator), ("scaler", scaler)):
+            if target is not None and state[key] is not None:
+                try:
+                    target.load_state_dict(state[key])
+                except (ValueError, KeyError, TypeError, IndexError) as error:
+                    raise ValueError(f"resume: {where}: its {key!r} state does not load "
+                                     f"({type(error).__name__}: {error})") from error
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(state["trainable"][name])
+            for name, buf in _adapter_buffers(model).items():
+                buf.copy_(state["adapter_buffers"][name])
+        _set_rng_state(state["rng"])
+    except BaseException:
+        for name, snap in layer_snaps.items():
+            restore_layer(layers[name], snap)
+        with torch.no_grad():
+            for t, saved in values:
+                t.copy_(saved)
+        if allocator is not None:
+            allocator.load_state_dict(backups["allocator"])
+        if scaler is not None:
+            scaler.load_state_dict(backups["scaler"])
+        _set_rng_state(backups["rng"])
+        raise
     return optimizer, state
 
 
@@ -239,6 +366,40 @@ def _enable_grad_checkpointing(model: nn.Module) -> None:
                          f"grad_checkpointing=False")
 
 
+def _label_keywords(model: nn.Module) -> Callable[[torch.Tensor], dict]:
+    """How labels reach `model`, read once from its forward signature: `targets=` for
+    trainers.models (and wrappers that take **kwargs), `labels=` for transformers models,
+    `start_positions=`/`end_positions=` for transformers QA heads (labels are (B, 2))."""
+    params = inspect.signature(model.forward).parameters
+    if "targets" in params:
+        return lambda labels: {"targets": labels}
+    if "labels" in params:
+        return lambda labels: {"labels": labels}
+    if "start_positions" in params and "end_positions" in params:
+        return lambda labels: {"start_positions": labels[:, 0], "end_positions": labels[:, 1]}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return lambda labels: {"targets": labels}
+    raise TypeError(f"train: {type(model).__name__}.forward{inspect.signature(model.forward)} takes no labels; "
+                    f"train() calls model(input_ids, targets=labels, attention_mask=mask) (trainers.models) or "
+                    f"model(input_ids, labels=labels, attention_mask=mask) (transformers models)")
+
+
+def _loss_of(output) -> torch.Tensor:
+    """The scalar loss in a model's output: a (logits, loss) tuple, as trainers.models return,
+    or an object with `.loss`, as transformers' ModelOutput (duck-typed: no transformers import)."""
+    if isinstance(output, tuple):
+        loss = output[1] if len(output) == 2 else None
+    else:
+        loss = getattr(output, "loss", None)
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        what = (f"a tuple of {len(output)}" if isinstance(output, tuple) else type(output).__name__)
+        got = f"{tuple(loss.shape)}-shaped tensor" if isinstance(loss, torch.Tensor) else repr(loss)
+        raise TypeError(f"train: the model returned {what} whose loss is {got}; train() needs (logits, loss) "
+                        f"with a scalar loss, or an object with a scalar .loss (e.g. a transformers ModelOutput; "
+                        f"return_dict=False tuples put the loss first and are not read)")
+    return loss
+
+
 def _evaluate(model: nn.Module, evaluate: Callable, rt: Runtime, step: int) -> dict:
     model.eval()
     with torch.no_grad(), rt.autocast():
@@ -248,25 +409,17 @@ def _evaluate(model: nn.Module, evaluate: Callable, rt: Runtime, step: int) -> d
                              for k, v in out.items()}}
 
 
-def _check_config(cfg: TrainConfig) -> None:
-    if cfg.steps < 1 or cfg.grad_accum < 1 or cfg.batch_size < 1:
-        raise ValueError(f"TrainConfig: steps, grad_accum and batch_size must be >= 1, got "
-                         f"{cfg.steps}, {cfg.grad_accum}, {cfg.batch_size}")
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"TrainConfig.schedule: expected one of {SCHEDULES}, got {cfg.schedule!r}")
-    if min(cfg.eval_every, cfg.log_every, cfg.checkpoint_every, cfg.warmup_steps) < 0 or cfg.clip < 0:
-        raise ValueError("TrainConfig: eval_every, log_every, checkpoint_every, warmup_steps and clip must be >= 0")
-
-
 def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: TrainConfig, *,
           evaluate: Callable[[nn.Module], dict] | None = None, allocator=None,
           out_dir: Path | None = None, resume: bool = False) -> TrainResult:
     """Train the trainable parameters of `model` on `batches(epoch)` for `cfg.steps` steps.
 
-    `model(input_ids, targets=labels, attention_mask=mask) -> (logits, loss)`.
+    `model(input_ids, targets=labels, attention_mask=mask) -> (logits, loss)`; a transformers
+    model is called with `labels=` instead and its output's `.loss` is used (_label_keywords).
     `evaluate(model) -> dict` runs under no_grad in eval mode. Raises
     NonFiniteLossError when the loss becomes NaN/inf."""
-    _check_config(cfg)
+    cfg.__post_init__()                 # again: a field may have been changed since the config was built
+    label_keywords = _label_keywords(model)
     rt = Runtime.create(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     model.to(rt.device)
@@ -337,7 +490,8 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
             mask = batch.get("attention_mask")
             mask = mask.to(rt.device, non_blocking=True) if mask is not None else None
             with rt.autocast():
-                logits, loss = model(input_ids, targets=labels, attention_mask=mask)
+                output = model(input_ids, attention_mask=mask, **label_keywords(labels))
+                loss = _loss_of(output)
                 total = loss if allocator is None else loss + allocator.regularization(model)
                 total = total / cfg.grad_accum
             (scaler.scale(total) if scaler is not None else total).backward()
@@ -348,7 +502,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
             # Drop every handle on the graph now: it holds activations, and a live graph keeps
             # autograd's per-parameter accumulators, which remember the shapes of parameters that a
             # dynamic allocator may resize in after_step.
-            del logits, loss, total
+            del output, loss, total
         last_loss = step_loss.item()
         if not (math.isfinite(last_loss) and math.isfinite(step_total.item())):
             bar.close()

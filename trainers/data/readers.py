@@ -57,17 +57,48 @@ class UnknownTask(KeyError):
 
 # ---------------------------------------------------------------- small helpers
 
-def read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of a GLUE-style TSV: no quoting, maybe a BOM, LF or CRLF."""
-    with open(path, encoding="utf-8-sig", newline="") as f:   # utf-8-sig drops the MRPC BOM
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A text file's contents; a file that is not valid text names itself and the byte."""
+    try:
+        return Path(path).read_text(encoding=encoding)
+    except UnicodeDecodeError as error:
+        bad = error.object[error.start:error.start + 1]
+        raise ValueError(f"{path}: not {encoding} text: byte {error.start} ({bad!r}) {error.reason}") from None
+
+
+def read_tsv_lines(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line number, row)]) of a GLUE-style TSV: no quoting, maybe a BOM, LF or CRLF.
+    Blank lines are dropped; a row with another number of fields than the header names its line."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:   # utf-8-sig drops the MRPC BOM
+            rows = [(i + 1, r) for i, r in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not utf-8 text: byte {error.start} {error.reason}") from None
     if not rows:
         raise ValueError(f"{path}: empty file, expected a header row")
-    header, body = rows[0], [r for r in rows[1:] if r]
-    bad = [i for i, r in enumerate(body) if len(r) != len(header)]
-    if bad:
-        raise ValueError(f"{path}: row {bad[0] + 2} has {len(body[bad[0]])} fields, header has {len(header)}")
+    header, body = rows[0][1], [(line, r) for line, r in rows[1:] if r]
+    for line, r in body:
+        if len(r) != len(header):
+            raise ValueError(f"{path}: line {line} has {len(r)} fields, header has {len(header)}")
     return header, body
+
+
+def read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a GLUE-style TSV (read_tsv_lines without the line numbers)."""
+    header, body = read_tsv_lines(path)
+    return header, [r for _, r in body]
+
+
+def parse_label(path: Path, line: int, column: str, value: str, labels) -> int:
+    """The label of one row: `labels` maps the file's spelling to the id, or lists the allowed ids."""
+    key = value.strip()
+    if isinstance(labels, dict):
+        if key in labels:
+            return labels[key]
+    elif key.lstrip("-").isdigit() and int(key) in labels:
+        return int(key)
+    allowed = list(labels) if isinstance(labels, dict) else list(labels)
+    raise ValueError(f"{path}: line {line}: column {column!r} must be one of {allowed}, got {value!r}")
 
 
 def _column(path: Path, header: list[str], name: str) -> int:
@@ -138,9 +169,10 @@ def _say_carved(name: str, what: str) -> str:
 def _glue_single(root: Path, name: str) -> RawData:
     def read(split: str) -> list[dict]:
         path = root / name / f"{split}.tsv"
-        header, rows = read_tsv(path)
+        header, rows = read_tsv_lines(path)
         s, y = _column(path, header, "sentence"), _column(path, header, "label")
-        return [{"text": r[s].strip(), "label": int(r[y])} for r in rows]   # strip: GLUE's trailing space
+        return [{"text": r[s].strip(), "label": parse_label(path, line, "label", r[y], (0, 1))}
+                for line, r in rows]   # strip: GLUE's trailing space
     return RawData(name, read("train"), read("dev"), f"local:{root}", f"{name}/dev.tsv")
 
 
@@ -151,9 +183,10 @@ def read_sst2_local(root: Path, seed: int = 0) -> RawData:
 def read_mrpc_local(root: Path, seed: int = 0) -> RawData:
     def read(split: str) -> list[dict]:
         path = root / "mrpc" / f"{split}.tsv"
-        header, rows = read_tsv(path)
+        header, rows = read_tsv_lines(path)
         y, a, b = (_column(path, header, c) for c in ("Quality", "#1 String", "#2 String"))
-        return [{"text": r[a].strip(), "text_pair": r[b].strip(), "label": int(r[y])} for r in rows]
+        return [{"text": r[a].strip(), "text_pair": r[b].strip(),
+                 "label": parse_label(path, line, "Quality", r[y], (0, 1))} for line, r in rows]
     return RawData("mrpc", read("train"), read("dev"), f"local:{root}", "mrpc/dev.tsv")
 
 
@@ -163,22 +196,34 @@ QNLI_LABELS = {"entailment": 0, "not_entailment": 1}   # the ids of HF glue/qnli
 def read_qnli_local(root: Path, seed: int = 0) -> RawData:
     def read(split: str) -> list[dict]:
         path = root / "qnli" / f"{split}.tsv"
-        header, rows = read_tsv(path)
+        header, rows = read_tsv_lines(path)
         q, s, y = (_column(path, header, c) for c in ("question", "sentence", "label"))
-        return [{"text": r[q].strip(), "text_pair": r[s].strip(), "label": QNLI_LABELS[r[y].strip()]}
-                for r in rows]
+        return [{"text": r[q].strip(), "text_pair": r[s].strip(),
+                 "label": parse_label(path, line, "label", r[y], QNLI_LABELS)} for line, r in rows]
     return RawData("qnli", read("train"), read("dev"), f"local:{root}", "qnli/dev.tsv")
 
 
 def _read_ag_csv(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = [r for r in csv.reader(f) if r]        # every field quoted, "" inside: csv's default dialect
+    rows = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)                    # every field quoted, "" inside: csv's default dialect
+            line = reader.line_num + 1
+            for r in reader:
+                if r:
+                    rows.append((line, r))            # the line the record starts on (a field may span lines)
+                line = reader.line_num + 1
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not utf-8 text: byte {error.start} {error.reason}") from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: line {reader.line_num}: not valid CSV ({error})") from None
     out = []
-    for i, r in enumerate(rows):
-        if len(r) != 3 or not r[0].isdigit():
-            raise ValueError(f"{path}: row {i + 1} is {r[:3]!r}, expected class,title,description (no header)")
+    for line, r in rows:
+        if len(r) != 3:
+            raise ValueError(f"{path}: line {line} is {r[:3]!r}, expected class,title,description (no header)")
+        label = parse_label(path, line, "class", r[0], (1, 2, 3, 4)) - 1          # 1-based -> 0-based
         # title + " " + description, as the hub's ag_news "text" column joins them
-        out.append({"text": clean_ag_news(r[1] + " " + r[2]), "label": int(r[0]) - 1})  # 1-based -> 0-based
+        out.append({"text": clean_ag_news(r[1] + " " + r[2]), "label": label})
     return out
 
 
@@ -198,7 +243,7 @@ def read_imdb_local(root: Path, seed: int = 0) -> RawData:
         out = []
         for label, sub in ((0, "neg"), (1, "pos")):
             for f in sorted((root / "imdb" / split / sub).glob("*.txt")):
-                out.append({"text": f.read_text(encoding="utf-8").replace("<br />", " ").strip(), "label": label})
+                out.append({"text": read_text(f).replace("<br />", " ").strip(), "label": label})
         if not out:
             raise DataUnavailable(f"imdb: no review files in {root / 'imdb' / split}/pos or /neg")
         return out
@@ -207,7 +252,7 @@ def read_imdb_local(root: Path, seed: int = 0) -> RawData:
 
 def read_wikitext2_local(root: Path, seed: int = 0) -> RawData:
     def read(split: str) -> list[dict]:
-        return wikitext_articles((root / "wikitext2" / f"wiki.{split}.raw").read_text(encoding="utf-8").split("\n"))
+        return wikitext_articles(read_text(root / "wikitext2" / f"wiki.{split}.raw").split("\n"))
     if (root / "wikitext2" / "wiki.train.raw").exists():
         return RawData("wikitext2", read("train"), read("valid"), f"local:{root}", "wikitext2/wiki.valid.raw")
     note = _say_carved("wikitext2", "wikitext2/wiki.train.raw is absent: training on wiki.valid.raw "
@@ -225,31 +270,51 @@ def split_shakespeare(text: str, fraction: float = 0.9) -> tuple[str, str]:
 
 
 def read_tiny_shakespeare_local(root: Path, seed: int = 0) -> RawData:
-    train, eval_ = split_shakespeare((root / "tiny_shakespeare" / "input.txt").read_text(encoding="utf-8"))
+    train, eval_ = split_shakespeare(read_text(root / "tiny_shakespeare" / "input.txt"))
     note = _say_carved("tiny_shakespeare", "one file: train is the first ~90% of input.txt, eval the last ~10% "
                        "(cut at a blank line)")
     return RawData("tiny_shakespeare", [{"text": train}], [{"text": eval_}], f"local:{root}",
                    "carved from tiny_shakespeare/input.txt", True, note)
 
 
-def squad_records(squad_json: dict) -> list[list[dict]]:
-    """SQuAD v1.1 JSON -> one list of question records per article."""
+def squad_records(squad_json: dict, where: str = "SQuAD JSON") -> list[list[dict]]:
+    """SQuAD v1.1 JSON -> one list of question records per article. A missing or mistyped
+    field fails naming its place, e.g. `data[3].paragraphs[0].qas[2].answers[0].answer_start`."""
+    def get(obj, key, kind, place):
+        value = obj.get(key) if isinstance(obj, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            kind_name = {int: "an int", str: "a string", list: "a list"}[kind]
+            raise ValueError(f"{where}: {place}.{key} must be {kind_name}, got {value!r:.80}")
+        return value
     articles = []
-    for art in squad_json["data"]:
-        recs = []
-        for par in art["paragraphs"]:
-            for qa in par["qas"]:
-                recs.append({"id": qa["id"], "title": art["title"], "context": par["context"],
-                             "question": qa["question"].strip(),
-                             "answers": [{"text": a["text"], "answer_start": a["answer_start"]}
-                                         for a in qa["answers"]]})
+    for i, art in enumerate(get(squad_json, "data", list, "(top level)")):
+        recs, at = [], f"data[{i}]"
+        title = get(art, "title", str, at)
+        for j, par in enumerate(get(art, "paragraphs", list, at)):
+            pat = f"{at}.paragraphs[{j}]"
+            context = get(par, "context", str, pat)
+            for k, qa in enumerate(get(par, "qas", list, pat)):
+                qat = f"{pat}.qas[{k}]"
+                answers = [{"text": get(a, "text", str, f"{qat}.answers[{m}]"),
+                            "answer_start": get(a, "answer_start", int, f"{qat}.answers[{m}]")}
+                           for m, a in enumerate(get(qa, "answers", list, qat))]
+                recs.append({"id": get(qa, "id", str, qat), "title": title, "context": context,
+                             "question": get(qa, "question", str, qat).strip(), "answers": answers})
         articles.append(recs)
     return articles
 
 
+def read_json(path: Path):
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON: line {error.lineno}, column {error.colno}: {error.msg}") from None
+
+
 def read_squad_local(root: Path, seed: int = 0) -> RawData:
     def load(fname: str) -> list[list[dict]]:
-        return squad_records(json.loads((root / "squad_v1.1" / fname).read_text(encoding="utf-8")))
+        path = root / "squad_v1.1" / fname
+        return squad_records(read_json(path), str(path))
     dev = load("dev-v1.1.json")
     if (root / "squad_v1.1" / "train-v1.1.json").exists():
         return RawData("squad", sum(load("train-v1.1.json"), []), sum(dev, []), f"local:{root}",
@@ -269,12 +334,18 @@ def read_news_summary_local(root: Path, seed: int = 0) -> RawData:
     try:
         raw = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:                         # the Kaggle file is sometimes Windows-1252
-        raw = path.read_text(encoding="cp1252")
+        raw = read_text(path, "cp1252")
     reader = csv.DictReader(raw.splitlines(keepends=True))
     missing = {"headlines", "text"} - set(reader.fieldnames or [])
     if missing:
         raise ValueError(f"{path}: expected columns headlines,text; header is {reader.fieldnames}")
-    rows = [{"text": " ".join(r["text"].split()), "summary": " ".join(r["headlines"].split())} for r in reader]
+    rows = []
+    for r in reader:
+        extra = r.pop(None, None)                      # DictReader puts surplus fields under None
+        if extra is not None or None in r.values():    # ... and fills missing ones with None
+            raise ValueError(f"{path}: line {reader.line_num}: {'more' if extra is not None else 'fewer'} fields "
+                             f"than the {len(reader.fieldnames)} of the header")
+        rows.append({"text": " ".join(r["text"].split()), "summary": " ".join(r["headlines"].split())})
     rows = [r for r in rows if r["text"] and r["summary"]]
     if len(rows) < 2:
         raise ValueError(f"{path}: needs at least 2 non-empty rows to make a train and an eval split")

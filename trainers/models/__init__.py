@@ -13,7 +13,8 @@ import torch.nn as nn
 from trainers.models.distilbert import (DistilBertConfig, DistilBertForQuestionAnswering,
                                         DistilBertForSequenceClassification, DistilBertModel)
 from trainers.models.gpt2 import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
-from trainers.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
+from trainers.models.llama import (LlamaConfig, LlamaForCausalLM, LlamaForQuestionAnswering,
+                                   LlamaForSequenceClassification, LlamaModel)
 
 # name -> (config class, model class). The first name of each family is its default head.
 MODELS = {
@@ -22,13 +23,16 @@ MODELS = {
     "distilbert-cls": (DistilBertConfig, DistilBertForSequenceClassification),
     "distilbert-qa": (DistilBertConfig, DistilBertForQuestionAnswering),
     "llama": (LlamaConfig, LlamaForCausalLM),
+    "llama-cls": (LlamaConfig, LlamaForSequenceClassification),
+    "llama-qa": (LlamaConfig, LlamaForQuestionAnswering),
 }
 
 
 def build_model(kind, config=None, **overrides) -> nn.Module:
     """A freshly initialised model.
 
-    kind: one of MODELS ("gpt2", "gpt2-cls", "distilbert-cls", "distilbert-qa", "llama"),
+    kind: one of MODELS ("gpt2", "gpt2-cls", "distilbert-cls", "distilbert-qa", "llama",
+      "llama-cls", "llama-qa"),
       or a config instance, which builds that family's default head (LM for GPT-2 and
       LLaMA, classification for DistilBERT).
     config: a config of the matching class; None means the full-size default.
@@ -57,5 +61,5 @@ __all__ = [
     "MODELS", "build_model",
     "GPT2Config", "GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification",
     "DistilBertConfig", "DistilBertModel", "DistilBertForSequenceClassification", "DistilBertForQuestionAnswering",
-    "LlamaConfig", "LlamaModel", "LlamaForCausalLM",
+    "LlamaConfig", "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaForQuestionAnswering",
 ]

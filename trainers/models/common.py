@@ -1,6 +1,6 @@
 """What the transformer models here share: the attention mask built from a padding
-mask, the shifted next-token loss, and, for the causal models, the key/value cache
-and sampling.
+mask, the shifted next-token loss, the task heads' pooling and span loss, and, for the
+causal models, the key/value cache and sampling.
 
 Masks follow `F.scaled_dot_product_attention`'s boolean convention: True means
 "this query may attend to this key".
@@ -43,6 +43,50 @@ def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     V = logits.size(-1)
     return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX)
+
+
+def last_real_token(input_ids: Tensor, attention_mask: Tensor | None, pad_token_id: int | None) -> Tensor:
+    """(B,) index of each row's last real token: what a causal classifier reads, since only
+    that position has seen the whole sequence.
+
+    Real means attention_mask == 1 when a mask is given; else not pad_token_id (HF's rule,
+    which sees a pad id inside the text as padding); else every position. The rightmost
+    real position wins, so left and right padding both work.
+    """
+    if attention_mask is not None:
+        real = attention_mask.bool()  # (B, T)
+    elif pad_token_id is not None:
+        real = input_ids != pad_token_id
+    else:
+        real = torch.ones_like(input_ids, dtype=torch.bool)
+    positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
+    return (positions * real).argmax(dim=-1)  # (B,)
+
+
+def classify_last_token(h: Tensor, input_ids: Tensor, attention_mask: Tensor | None, pad_token_id: int | None,
+                        score, targets: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A causal model's classifier head: `score` at each row's last real token (see
+    `last_real_token`); cross-entropy against targets (B,) with IGNORE_INDEX ignored.
+    h (B, T, C) -> logits (B, num_labels)."""
+    last = last_real_token(input_ids, attention_mask, pad_token_id)  # (B,)
+    logits = score(h[torch.arange(h.size(0), device=h.device), last])  # (B, num_labels)
+    loss = None if targets is None else F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+    return logits, loss
+
+
+def span_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Extractive-QA loss: mean of the start and end cross-entropies over positions
+    (Devlin et al., 2019, BERT, §4.2).
+
+    logits (B, T, 2), [..., 0] = start, [..., 1] = end; targets (B, 2) the (start, end)
+    token positions. A position outside [0, T) (e.g. -100: "the answer is not in this
+    window") is ignored.
+    """
+    T = logits.size(1)
+    targets = targets.masked_fill((targets < 0) | (targets >= T), IGNORE_INDEX)  # (B, 2)
+    start = F.cross_entropy(logits[..., 0].float(), targets[:, 0], ignore_index=IGNORE_INDEX)
+    end = F.cross_entropy(logits[..., 1].float(), targets[:, 1], ignore_index=IGNORE_INDEX)
+    return (start + end) / 2
 
 
 class KVCache:

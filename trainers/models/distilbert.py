@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from trainers.models.common import IGNORE_INDEX, attention_mask_4d
+from trainers.models.common import IGNORE_INDEX, attention_mask_4d, span_loss
 
 
 @dataclass
@@ -205,11 +205,5 @@ class DistilBertForQuestionAnswering(nn.Module):
                 attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         h = self.dropout(self.distilbert(input_ids, attention_mask))  # (B, T, C)
         logits = self.qa_outputs(h)  # (B, T, 2)
-        loss = None
-        if targets is not None:
-            T = input_ids.size(1)
-            targets = targets.masked_fill((targets < 0) | (targets >= T), IGNORE_INDEX)  # (B, 2)
-            start = F.cross_entropy(logits[..., 0].float(), targets[:, 0], ignore_index=IGNORE_INDEX)
-            end = F.cross_entropy(logits[..., 1].float(), targets[:, 1], ignore_index=IGNORE_INDEX)
-            loss = (start + end) / 2
+        loss = span_loss(logits, targets) if targets is not None else None
         return logits, loss

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from trainers.models.common import IGNORE_INDEX, KVCache, cached_causal_mask, generate, next_token_loss
+from trainers.models.common import (KVCache, cached_causal_mask, classify_last_token, generate,
+                                    next_token_loss)
 
 
 @dataclass
@@ -185,17 +186,4 @@ class GPT2ForSequenceClassification(nn.Module):
                 attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """targets (B,) class ids; returns logits (B, num_labels)."""
         h = self.transformer(input_ids, attention_mask)  # (B, T, C)
-        B, T = input_ids.shape
-        if attention_mask is not None:
-            real = attention_mask.bool()
-        elif self.config.pad_token_id is not None:
-            real = input_ids != self.config.pad_token_id
-        else:
-            real = torch.ones_like(input_ids, dtype=torch.bool)
-        positions = torch.arange(T, device=input_ids.device)  # (T,)
-        last = (positions * real).argmax(dim=-1)  # (B,) index of the last real token
-        logits = self.score(h[torch.arange(B, device=h.device), last])  # (B, num_labels)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return classify_last_token(h, input_ids, attention_mask, self.config.pad_token_id, self.score, targets)

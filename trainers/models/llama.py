@@ -14,8 +14,15 @@ hs/2 rotating pairs. llama2.c and Meta's original code instead rotate interleave
 pairs (2i, 2i+1); `trainers.checkpoints.load_llama2c` permutes the rows of wq and wk
 into this layout, which leaves every attention score q.k unchanged.
 
-Module names copy the HF checkpoint (`model.layers.0.self_attn.q_proj`, ...). Sizes
-go from stories260K (260K parameters) to TinyLlama-1.1B (`LlamaConfig.tinyllama()`).
+Heads, as in transformers: the language model (`lm_head`); sequence classification
+(`score`, no bias, reading the last real token, the only position that has seen the
+whole text); extractive QA (`qa_outputs`, a (start, end) pair of logits per position).
+DRaFT-Q runs TinyLlama on AG News and SQuAD through the last two.
+
+Module names copy the HF checkpoint (`model.layers.0.self_attn.q_proj`, ...; the QA
+head's trunk is `transformer`, because HF's LlamaForQuestionAnswering keeps that old
+name). Sizes go from stories260K (260K parameters) to TinyLlama-1.1B
+(`LlamaConfig.tinyllama()`).
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from trainers.models.common import KVCache, cached_causal_mask, generate, next_token_loss
+from trainers.models.common import (KVCache, cached_causal_mask, classify_last_token, generate,
+                                    next_token_loss, span_loss)
 
 
 @dataclass
@@ -44,6 +52,8 @@ class LlamaConfig:
     max_seq_len: int = 2048  # longest context (HF max_position_embeddings)
     tie_word_embeddings: bool = False  # True: lm_head shares embed_tokens (stories260K)
     dropout: float = 0.0  # on attention probabilities and residual branches
+    num_labels: int = 2  # classes of the sequence-classification head
+    pad_token_id: int | None = None  # Llama-2 has none; the classifier uses attention_mask or this
     gradient_checkpointing: bool = False  # recompute each block in backward to save activation memory
 
     @property
@@ -188,6 +198,17 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
+def _init_weights(model: nn.Module, n_layers: int) -> None:
+    """N(0, 0.02) for every Linear and Embedding, output projections scaled by 1/sqrt(2 n_layers)
+    as in GPT-2; biases (only qa_outputs has one) zero."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("o_proj", "down_proj")) else 0.02
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
 class LlamaForCausalLM(nn.Module):
     """LLaMA language model: logits (B, T, vocab) and the next-token loss."""
 
@@ -198,11 +219,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                # N(0, 0.02), output projections scaled by 1/sqrt(2 n_layers) as in GPT-2
-                std = 0.02 / math.sqrt(2 * config.n_layers) if name.endswith(("o_proj", "down_proj")) else 0.02
-                nn.init.normal_(module.weight, std=std)
+        _init_weights(self, config.n_layers)
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, attention_mask: Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
@@ -215,3 +232,51 @@ class LlamaForCausalLM(nn.Module):
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None) -> Tensor:
         return generate(self, idx, max_new_tokens, temperature, top_k, self.config.max_seq_len)
+
+
+class LlamaForSequenceClassification(nn.Module):
+    """LLaMA classifier: logits (B, num_labels) = score(h at the last real token).
+
+    The last real token is the last position where attention_mask is 1 (or, without a
+    mask, the last token that is not `pad_token_id`; without either, the last token).
+    HF's LlamaForSequenceClassification looks only at pad_token_id; on right- or
+    left-padded batches whose text holds no pad id the two agree.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.score = nn.Linear(config.dim, config.num_labels, bias=False)  # as in HF
+        _init_weights(self, config.n_layers)
+
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """targets (B,) class ids, -100 ignored."""
+        h = self.model(input_ids, attention_mask)  # (B, T, C)
+        return classify_last_token(h, input_ids, attention_mask, self.config.pad_token_id, self.score, targets)
+
+
+class LlamaForQuestionAnswering(nn.Module):
+    """Extractive QA span head: logits (B, T, 2), [..., 0] = start, [..., 1] = end.
+
+    targets (B, 2) hold the answer's (start, end) token positions; the loss is
+    trainers.models.common.span_loss, the same as DistilBERT's QA head. A causal trunk
+    sees only the left context at each position, so the question goes before the
+    context (as trainers.data lays out qa examples). The trunk is called `transformer`,
+    not `model`: HF's LlamaForQuestionAnswering kept that name, and its checkpoints and
+    adapter files use it.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = LlamaModel(config)
+        self.qa_outputs = nn.Linear(config.dim, 2)  # with bias, as in HF
+        _init_weights(self, config.n_layers)
+
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        logits = self.qa_outputs(self.transformer(input_ids, attention_mask))  # (B, T, 2)
+        loss = span_loss(logits, targets) if targets is not None else None
+        return logits, loss
