@@ -6,9 +6,10 @@ from lora.dora import DoRALinear
 from lora.hira import HiRALinear
 from lora.layers import LoRALinear
 from lora.sparse import SparseLoRALinear, cubic_sparsity
-from lora.model import (LoraConfig, adapter_layers, add_lora_to_model, count_parameters, lora_state_dict,
-                        mark_only_lora_as_trainable, merge_adapters, merge_lora_weights, remembered_config,
-                        unmerge_lora_weights)
+from lora.config import LoraConfig, remembered_config
+from lora.model import (adapter_layers, add_lora_to_model, count_parameters, lora_state_dict,
+                        mark_only_lora_as_trainable)
+from lora.merge import merge_adapters, merge_lora_weights, unmerge_lora_weights
 from lora.adapter_io import load_adapter, save_adapter
 from lora.svd import SVDLoRALinear
 
