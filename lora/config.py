@@ -150,18 +150,80 @@ def make_config(config=None, **overrides) -> LoraConfig:
     return dataclasses.replace(config, **changes)
 
 
+@dataclass
+class IA3Config:
+    """IA3 (Liu et al. 2022, arXiv:2205.05638): which layers get a learned rescaling vector (lora/ia3.py).
+    Fields and matching as PEFT's IA3Config."""
+    target_modules: TargetModules = ("k_proj", "v_proj", "down_proj")  # as LoraConfig.target_modules
+    feedforward_modules: TargetModules = ("down_proj",)   # of the targets, those whose INPUT is rescaled
+                                                          # (the others rescale their output); same matching
+    modules_to_save: Sequence[str] = ()     # as LoraConfig.modules_to_save
+    bias: str = "none"                      # IA3 trains no biases (the field lets the shared surgery read it)
+    method: str = "ia3"
+
+    def __post_init__(self):
+        if self.bias != "none" or self.method != "ia3":
+            raise ValueError(f"IA3Config: bias must be 'none' and method 'ia3', got {self.bias!r}, {self.method!r}")
+        for what in ("target_modules", "feedforward_modules"):
+            value = getattr(self, what)
+            if isinstance(value, str):
+                _compile(value, f"IA3Config.{what}")
+            else:
+                value = tuple(value)
+                if not all(isinstance(t, str) for t in value) or (what == "target_modules" and not value):
+                    raise ValueError(f"IA3Config.{what} must be a regex string or a list of names, got {value!r}")
+                setattr(self, what, value)
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = (self.modules_to_save,)
+        self.modules_to_save = tuple(self.modules_to_save or ())
+
+    def is_feedforward(self, name: str) -> bool:
+        """Whether the target `name` rescales its input (PEFT: regex fullmatch, or a name suffix)."""
+        ff = self.feedforward_modules
+        if isinstance(ff, str):
+            return re.fullmatch(ff, name) is not None
+        return any(name_matches(name, entry) for entry in ff)
+
 
 # --- the config a model's adapters were made with ---------------------------------------------
 CONFIG_ATTR = "nanopeft_config"
 
 
-def remember_config(model: nn.Module, config: LoraConfig) -> None:
+# Named adapters (lora.named): a model with a record knows its adapters' names and configs.
+ADAPTERS_ATTR = "nanopeft_adapters"
+DEFAULT_ADAPTER = "default"   # the name of an adapter added without one (PEFT's)
+
+
+@dataclass
+class AdapterSet:
+    """The named adapters of a model: name -> config (in the order they were added), and the active one."""
+    configs: dict
+    active: str
+
+
+def remember_config(model: nn.Module, config: LoraConfig | IA3Config) -> None:
     """Keep `config` on the root module (add_lora_to_model and load_adapter do this), as a plain
-    attribute: deepcopy and pickling carry it, state_dict does not (the adapter file holds it)."""
+    attribute: deepcopy and pickling carry it, state_dict does not (the adapter file holds it).
+    It is the ACTIVE adapter's config (also recorded under its name when the model has named adapters)."""
+    record = adapter_set(model)
+    if record is not None:
+        record.configs[record.active] = config
     setattr(model, CONFIG_ATTR, config)
 
 
-def remembered_config(model: nn.Module) -> LoraConfig | None:
-    """The config `model`'s adapters were added or loaded with, or None."""
+def remembered_config(model: nn.Module) -> LoraConfig | IA3Config | None:
+    """The config `model`'s (active) adapters were added or loaded with, or None."""
     config = model.__dict__.get(CONFIG_ATTR)
-    return config if isinstance(config, LoraConfig) else None
+    return config if isinstance(config, (LoraConfig, IA3Config)) else None
+
+
+def adapter_set(model: nn.Module) -> AdapterSet | None:
+    """The record of the model's named adapters, or None (a model that never had a name given)."""
+    record = model.__dict__.get(ADAPTERS_ATTR)
+    return record if isinstance(record, AdapterSet) else None
+
+
+def forget_adapters(model: nn.Module) -> None:
+    """Drop the config and the names (the model holds no adapter any more)."""
+    model.__dict__.pop(CONFIG_ATTR, None)
+    model.__dict__.pop(ADAPTERS_ATTR, None)

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from lora.base import AdapterLayer, base_weight, check_finite, weight_layout
-from lora.config import CONFIG_ATTR
-from lora.model import adapter_layers, swap_modules
+from lora.config import forget_adapters
+from lora.model import CONTAINERS, adapter_layers, modules_outside_adapters, swap_modules
 
 
 @torch.no_grad()
@@ -30,12 +30,14 @@ def merged_linear(layer: AdapterLayer, name: str = "") -> nn.Module:
     if weight_layout(base) == "in_out":
         merged = copy.deepcopy(base)
         base_weight(merged).copy_(W)                                  # through the (out, in) view
+        if getattr(merged, "bias", None) is not None:
+            merged.bias.copy_(layer.merged_bias())
         return merged.requires_grad_(False)
     if isinstance(base, nn.Linear):
         dtype = base.weight.dtype
     else:
         dtype = getattr(base, "weight_dtype", None) or torch.float32
-    bias = getattr(base, "bias", None)
+    bias = layer.merged_bias()
     linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
                        device=W.device, dtype=dtype)
     linear.weight.copy_(W)
@@ -49,12 +51,16 @@ def merge_lora_weights(model: nn.Module) -> nn.Module:
     """Replace every adapter by a plain nn.Linear holding W0 + delta W (works for quantized
     bases: W0 is dequantized; a Conv1D base stays a Conv1D, see `merged_linear`). The result
     holds no adapter; it is returned (the same object unless `model` itself is an adapter).
+    With named adapters (lora.named) the active one is merged and the others dropped (PEFT's
+    merge_and_unload); a module the active adapter does not target gets its base layer back.
     All-or-nothing: every merged layer is built (and checked finite) before the first is put in place."""
     layers = adapter_layers(model)
     if layers and not layers[0][0]:
         return merged_linear(layers[0][1])
-    swap_modules(model, [(name, merged_linear(layer, name)) for name, layer in layers])
-    model.__dict__.pop(CONFIG_ATTR, None)          # no adapters left to describe
+    active = dict(layers)
+    swap_modules(model, [(name, merged_linear(active[name], name) if name in active else module.base_layer)
+                         for name, module in modules_outside_adapters(model) if isinstance(module, CONTAINERS)])
+    forget_adapters(model)                         # no adapters left to describe
     return model
 
 

@@ -16,16 +16,20 @@ nor quantization: duck typing).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from lora.base import AdapterLayer, is_linear_like
-from lora.config import (BIASES, METHODS, OUTPUT_LAYER_NAMES, LoraConfig, _compile, make_config,  # noqa: F401
-                         name_matches, pattern_value, remember_config, saved_name_matches)
+from lora.config import (BIASES, DEFAULT_ADAPTER, METHODS, OUTPUT_LAYER_NAMES, IA3Config, LoraConfig,  # noqa: F401
+                         _compile, adapter_set, make_config, name_matches, pattern_value, remember_config,
+                         saved_name_matches)
+from lora.multi import MultiAdapterLinear
 from lora.dora import DoRALinear
 from lora.hira import HiRALinear
+from lora.ia3 import IA3Linear
 from lora.layers import LoRALinear
 from lora.sparse import SparseLoRALinear
 from lora.svd import SVDLoRALinear
@@ -42,26 +46,53 @@ assert tuple(ADAPTER_CLASSES) == METHODS, "lora.config.METHODS must list ADAPTER
 
 
 # --- finding modules -------------------------------------------------------------------------
-def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    """Every adapter in the model, (dotted name, layer), in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
+# What holds adapters: a single adapter layer, or the container of named ones (lora/multi.py).
+CONTAINERS = (AdapterLayer, MultiAdapterLinear)
+
+
+def adapter_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str, AdapterLayer]]:
+    """Every adapter layer of the ACTIVE adapter (or of the one named `adapter`), (dotted name of
+    the adapted module, layer), in module order. With one adapter these are the model's adapter
+    layers; with several, the entries of each MultiAdapterLinear under that name, listed under the
+    container's name (so file keys and allocators see the same names as with one adapter)."""
+    single = adapter is None or adapter in adapter_names(model)[:1]
+    result = []
+    for name, module in modules_outside_adapters(model):
+        if isinstance(module, MultiAdapterLinear):
+            key = adapter or module.active
+            if key in module.adapters:
+                result.append((name, module.adapters[key]))
+        elif isinstance(module, AdapterLayer) and single:
+            result.append((name, module))
+    return result
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the model's adapters, in the order they were added ([] without adapters);
+    an adapter added without a name is "default"."""
+    record = adapter_set(model)
+    if record is not None:
+        return list(record.configs)
+    has = any(isinstance(m, CONTAINERS) for m in model.modules())
+    return [DEFAULT_ADAPTER] if has else []
 
 
 def modules_outside_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """named_modules() without anything inside an adapter (its base_layer, dropout, ...)."""
+    """named_modules() without anything inside an adapter (its base_layer, dropout, ...) or inside
+    a MultiAdapterLinear."""
     inside: list[str] = []
     result = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + "." if prefix else "") for prefix in inside):
             continue
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, CONTAINERS):
             inside.append(name)
         result.append((name, module))
     return result
 
 
 def _candidates_message(modules: list[tuple[str, nn.Module]]) -> str:
-    names = [n for n, m in modules if n and (is_linear_like(m) or isinstance(m, AdapterLayer))]
+    names = [n for n, m in modules if n and (is_linear_like(m) or isinstance(m, CONTAINERS))]
     if not names:
         return "the model has no Linear-like modules"
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -69,9 +100,13 @@ def _candidates_message(modules: list[tuple[str, nn.Module]]) -> str:
     return f"Linear-like module names: {short}; full names: {shown}"
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Dotted names of the modules `config.target_modules` selects; errors as described above."""
+def find_targets(model: nn.Module, config: LoraConfig, adapted_ok: bool = False) -> list[str]:
+    """Dotted names of the modules `config.target_modules` selects (rules: lora/config.py).
+    A module that already holds adapters is refused, unless `adapted_ok` (adding a named adapter:
+    lora.named), where it stands for its base layer."""
     modules = modules_outside_adapters(model)
+    if adapted_ok:
+        modules = [(n, m.base_layer if isinstance(m, CONTAINERS) else m) for n, m in modules]
     saved = config.modules_to_save
 
     def excluded(name: str) -> bool:
@@ -103,7 +138,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     by_name = dict(modules)
     for name in chosen:
         module = by_name[name]
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, CONTAINERS):
             raise ValueError(f"add_lora_to_model: {name!r} already has an adapter "
                              f"({type(module).__name__}); use load_adapter or a fresh model")
         if not is_linear_like(module):
@@ -145,13 +180,16 @@ def adapter_class(method: str) -> type:
 
 def method_of(layer: AdapterLayer) -> str | None:
     """The method an adapter implements: that of the nearest class in its MRO that ADAPTER_CLASSES
-    names (a subclass such as quantization's QLoRALinear is a "lora" adapter), or None."""
+    names (a subclass such as quantization's QLoRALinear is a "lora" adapter), "ia3", or None."""
     methods = {cls: method for method, cls in ADAPTER_CLASSES.items()}
+    methods[IA3Linear] = "ia3"
     return next((methods[cls] for cls in type(layer).__mro__ if cls in methods), None)
 
 
 def make_adapter(base: nn.Module, config: LoraConfig, name: str = "") -> AdapterLayer:
     """One adapter of `config.method` around `base`, with the rank/alpha `name` gets from the patterns."""
+    if isinstance(config, IA3Config):
+        return IA3Linear(base, feedforward=config.is_feedforward(name))
     cls = adapter_class(config.method)
     kwargs = dict(rank=config.rank_for(name), alpha=config.alpha_for(name), dropout=config.lora_dropout)
     if config.use_rslora:  # passed only when asked for, so a class without rsLoRA says so (TypeError)
@@ -161,7 +199,7 @@ def make_adapter(base: nn.Module, config: LoraConfig, name: str = "") -> Adapter
     return cls(base, **kwargs)
 
 
-def build_adapters(model: nn.Module, config: LoraConfig, copy_bases: bool = False
+def build_adapters(model: nn.Module, config: LoraConfig, copy_bases: bool = False, shared: bool = False
                    ) -> list[tuple[str, AdapterLayer]]:
     """The adapters `config` puts on `model`, built but NOT installed (see `install_adapters`).
 
@@ -170,15 +208,18 @@ def build_adapters(model: nn.Module, config: LoraConfig, copy_bases: bool = Fals
     adapter would rewrite its base (init="pissa", or `copy_bases`): it then wraps a copy,
     and the model's layer is only dropped when the adapter is installed. (So PiSSA briefly
     holds W0 and its residual side by side; a weight tied to another module keeps W0 there.)
-    An adapter's error names the target it was built for.
+    An adapter's error names the target it was built for. `shared`: a target that already holds
+    adapters gets one more around the same base (lora.named.add_adapter), not a copy.
     """
-    adapter_class(config.method)  # unknown method: fail before touching anything
-    copy_bases = copy_bases or config.init == "pissa"
+    if not isinstance(config, IA3Config):
+        adapter_class(config.method)  # unknown method: fail before touching anything
+    copy_bases = copy_bases or getattr(config, "init", None) == "pissa"
     flags = [(p, p.requires_grad) for p in model.parameters()]
     built = []
     try:
-        for name in find_targets(model, config):
+        for name in find_targets(model, config, adapted_ok=shared):
             base = model.get_submodule(name)
+            base = base.base_layer if isinstance(base, CONTAINERS) else base
             try:
                 built.append((name, make_adapter(copy.deepcopy(base) if copy_bases else base, config, name)))
             except (ValueError, TypeError) as err:
@@ -227,8 +268,26 @@ def add_lora_to_model(model: nn.Module, config: LoraConfig | None = None, **over
     the side before the first one is put in place, so a failure leaves `model` as it was.
     A model that already holds adapters is refused, whatever the targets.
     """
-    config = make_config(config, **overrides)
-    existing = [name for name, _ in adapter_layers(model)]
+    return _add_adapters(model, make_config(config, **overrides))
+
+
+def add_ia3_to_model(model: nn.Module, config: IA3Config | None = None, **overrides) -> nn.Module:
+    """Wrap every target layer of `model` in an IA3Linear (lora/ia3.py), input-side for the targets
+    `feedforward_modules` names, output-side for the others; only the vectors (and `modules_to_save`)
+    train. `overrides` are IA3Config fields. Remembered, all-or-nothing and refused on a model
+    that holds adapters, as add_lora_to_model."""
+    config = dataclasses.replace(config or IA3Config(), **overrides)
+    if isinstance(config.feedforward_modules, tuple):
+        targets = find_targets(model, config)
+        for entry in config.feedforward_modules:
+            if not any(name_matches(t, entry) for t in targets):
+                raise ValueError(f"add_ia3_to_model: feedforward_modules entry {entry!r} is not one of the "
+                                 f"targets {targets} (PEFT: feedforward_modules must be a subset of target_modules)")
+    return _add_adapters(model, config)
+
+
+def _add_adapters(model: nn.Module, config: LoraConfig | IA3Config) -> nn.Module:
+    existing = [name for name, m in modules_outside_adapters(model) if isinstance(m, CONTAINERS)]
     if existing:
         shown = existing if len(existing) <= 6 else existing[:6] + [f"... ({len(existing) - 6} more)"]
         raise ValueError(f"add_lora_to_model: {type(model).__name__} already has adapters ({len(existing)} "
@@ -236,7 +295,8 @@ def add_lora_to_model(model: nn.Module, config: LoraConfig | None = None, **over
                          f"to add other adapters start from a fresh model (or lora.merge_lora_weights(model) first)")
     targets = find_targets(model, config)
     find_modules_to_save(model, config.modules_to_save, targets=targets)  # check names before any change
-    check_patterns(config, targets)
+    if isinstance(config, LoraConfig):
+        check_patterns(config, targets)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     adapters = build_adapters(model, config)             # changes nothing in model if it fails
     try:
@@ -271,7 +331,7 @@ def find_modules_to_save(model: nn.Module, names: Sequence[str], *, strict: bool
     sequence-classification configs list both "classifier" and "score"; a model has one).
     A selected module must not hold an adapter (already in `model`, or one of `targets`):
     it would be trained in full, base weights included, and saved twice."""
-    modules = [(n, m) for n, m in modules_outside_adapters(model) if n and not isinstance(m, AdapterLayer)]
+    modules = [(n, m) for n, m in modules_outside_adapters(model) if n and not isinstance(m, CONTAINERS)]
     chosen: set[str] = set()
     for entry in names:
         hits = {n for n, _ in modules if saved_name_matches(n, entry)}

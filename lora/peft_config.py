@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 
 from lora.base import AdapterLayer, weight_layout
-from lora.config import CONFIG_ATTR, METHODS, LoraConfig, name_matches, pattern_value, remembered_config
-from lora.model import adapter_layers, method_of, modules_outside_adapters
+from lora.config import (CONFIG_ATTR, METHODS, IA3Config, LoraConfig, adapter_set, name_matches, pattern_value,
+                         remembered_config)
+from lora.model import CONTAINERS, adapter_layers, method_of, modules_outside_adapters
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "sparse": "LORA",
@@ -76,7 +77,7 @@ def _infer_extras(model: nn.Module, layers) -> tuple[str, tuple[str, ...]]:
     adapted = [n for n, _ in layers]
     saved: list[str] = []
     for name, module in modules_outside_adapters(model):
-        if not name or isinstance(module, AdapterLayer) or any(a.startswith(name + ".") for a in adapted):
+        if not name or isinstance(module, CONTAINERS) or any(a.startswith(name + ".") for a in adapted):
             continue
         params = list(module.parameters())
         if any(name.startswith(s + ".") for s in saved) or not params or not all(p.requires_grad for p in params):
@@ -85,29 +86,37 @@ def _infer_extras(model: nn.Module, layers) -> tuple[str, tuple[str, ...]]:
     adapted_bias = any(getattr(getattr(layer.base_layer, "bias", None), "requires_grad", False)
                        for _, layer in layers)
     other_bias = any(isinstance(m._parameters.get("bias"), torch.Tensor) and m._parameters["bias"].requires_grad
-                     for n, m in modules_outside_adapters(model) if not isinstance(m, AdapterLayer)
+                     for n, m in modules_outside_adapters(model) if not isinstance(m, CONTAINERS)
                      and not any(n == s or n.startswith(s + ".") for s in saved))
     return ("all" if other_bias else "lora_only" if adapted_bias else "none"), tuple(saved)
 
 
-def resolve_config(model: nn.Module, config: LoraConfig | None = None) -> tuple[LoraConfig, dict]:
+def resolve_config(model: nn.Module, config: LoraConfig | None = None, adapter: str | None = None
+                   ) -> tuple[LoraConfig, dict]:
     """The config to save for the adapters now in `model` and the matching adapter_config.json
     content. The config is the one given, else the one the model remembers (add_lora_to_model
     and load_adapter keep it), else, as a last resort, inferred from the layers and the
-    requires_grad flags (which a frozen load or a hand-frozen head would mislead)."""
-    layers = adapter_layers(model)
+    requires_grad flags (which a frozen load or a hand-frozen head would mislead). `adapter`: the
+    named adapter to describe (lora.named), by default the active one."""
+    layers = adapter_layers(model, adapter)
     if not layers:
-        raise ValueError(f"save_adapter: {type(model).__name__} has no adapter layers")
+        which = f" named {adapter!r}" if adapter else ""
+        raise ValueError(f"save_adapter: {type(model).__name__} has no adapter layers{which}")
     methods = {_method_of(layer) for _, layer in layers}
     if len(methods) != 1:
         raise ValueError(f"save_adapter: one adapter file holds one method, the model mixes {sorted(methods)}")
     method = methods.pop()
     names = [n for n, _ in layers]
-    ranks = {n: layer.rank for n, layer in layers}
-    alphas = {n: layer.alpha for n, layer in layers}
     source = "config"
+    record = adapter_set(model)
+    if config is None and adapter is not None and record is not None and adapter in record.configs:
+        config, source = record.configs[adapter], f"the config the model remembers for adapter {adapter!r}"
     if config is None and remembered_config(model) is not None:
         config, source = remembered_config(model), f"the config the model remembers (model.{CONFIG_ATTR})"
+    if method == "ia3":
+        return _ia3_meta(model, layers, config)
+    ranks = {n: layer.rank for n, layer in layers}
+    alphas = {n: layer.alpha for n, layer in layers}
     if config is None:
         first = layers[0][1]
         bias, modules_to_save = _infer_extras(model, layers)
@@ -147,6 +156,31 @@ def resolve_config(model: nn.Module, config: LoraConfig | None = None) -> tuple[
     }
     if method not in ("lora", "dora"):  # PEFT knows those two by use_dora; "method" would only warn there
         meta["method"] = method
+    return config, meta
+
+
+def _ia3_meta(model: nn.Module, layers: list, config: IA3Config | None) -> tuple[IA3Config, dict]:
+    """PEFT's IA3 fields for the IA3 layers `layers` (target and feed-forward names exact when the
+    config's do not say precisely which layers hold which kind)."""
+    names = [n for n, _ in layers]
+    ff = [n for n, layer in layers if layer.feedforward]
+    if not isinstance(config, IA3Config):
+        config = IA3Config(target_modules=names, feedforward_modules=ff,
+                           modules_to_save=_infer_extras(model, layers)[1])
+    targets, feedforward = config.target_modules, config.feedforward_modules
+    if isinstance(targets, str) or any(not any(name_matches(n, t) for n in names) for t in targets) \
+            or any(not any(name_matches(n, t) for t in targets) for n in names) \
+            or any(config.is_feedforward(n) != layer.feedforward for n, layer in layers):
+        targets, feedforward = names, ff
+    meta = {
+        "peft_type": "IA3",
+        "target_modules": list(targets),
+        "feedforward_modules": feedforward if isinstance(feedforward, str) else list(feedforward),
+        "modules_to_save": list(config.modules_to_save) or None,
+        "fan_in_fan_out": any(weight_layout(layer.base_layer) == "in_out" for _, layer in layers),
+        "init_ia3_weights": True,
+        "inference_mode": True,
+    }
     return config, meta
 
 
@@ -216,6 +250,8 @@ def config_from_peft(peft_config) -> LoraConfig:
 
 def _from_peft_fields(meta: dict, where: str) -> LoraConfig:
     """LoraConfig from PEFT's field names (an adapter_config.json, or a PEFT LoraConfig's to_dict())."""
+    if meta.get("peft_type") == "IA3":
+        return _ia3_from_peft_fields(meta, where)
     method = meta.get("method") or ("dora" if meta.get("use_dora") else "lora")
     if method not in METHODS:
         raise ValueError(f"{where}: unknown method {method!r}; known methods: {', '.join(METHODS)}")
@@ -252,5 +288,25 @@ def _from_peft_fields(meta: dict, where: str) -> LoraConfig:
                           bias=meta.get("bias", "none"), modules_to_save=tuple(meta.get("modules_to_save") or ()))
     except KeyError as err:
         raise ValueError(f"{where}: lacks the field {err}") from None
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+# Fields of PEFT's IA3Config this reads; any other set to a non-default value is refused.
+IA3_FIELDS = ("target_modules", "feedforward_modules", "modules_to_save", "fan_in_fan_out", "init_ia3_weights")
+
+
+def _ia3_from_peft_fields(meta: dict, where: str) -> IA3Config:
+    for key, value in meta.items():
+        if key not in IA3_FIELDS and key not in PEFT_BOOKKEEPING and value not in (None, False, [], {}, ""):
+            raise ValueError(f"{where}: IA3 field {key}={value!r} is not supported; the fields nanopeft reads: "
+                             f"{', '.join(IA3_FIELDS)}")
+    if not isinstance(meta.get("fan_in_fan_out", False), bool):
+        raise ValueError(f"{where}: fan_in_fan_out must be true or false, got {meta['fan_in_fan_out']!r}")
+    if meta.get("target_modules") is None or meta.get("feedforward_modules") is None:
+        raise ValueError(f"{where}: an IA3 config needs target_modules and feedforward_modules")
+    try:
+        return IA3Config(target_modules=meta["target_modules"], feedforward_modules=meta["feedforward_modules"],
+                         modules_to_save=tuple(meta.get("modules_to_save") or ()))
     except (ValueError, TypeError) as err:
         raise ValueError(f"{where}: {err}") from None
