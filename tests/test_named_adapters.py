@@ -368,21 +368,17 @@ def lora_pair_with_ranks():
 # --- all-or-nothing ---------------------------------------------------------------------------
 def fail_on_last_swap(monkeypatch, predicate):
     real = lora_model._set_submodule
-    state = {"n": 0}
 
     def set_submodule(model, name, module):
         if predicate(name, module):
             raise RuntimeError("injected")
         real(model, name, module)
     monkeypatch.setattr(lora_model, "_set_submodule", set_submodule)
-    return state
 
 
 CALLS = {
     "add": lambda m: add_adapter(m, "z", LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"])),
-    "add_to_single": None,
     "delete": lambda m: delete_adapter(m, "b"),
-    "delete_to_one": None,
     "weighted": lambda m: add_weighted_adapter(m, ["a", "c"], [1.0, 0.5], "w", combination="cat"),
 }
 
