@@ -547,3 +547,22 @@ def test_peft_style_config_objects_convert_field_by_field():
     with pytest.raises(TypeError, match=r"config must be a lora.LoraConfig or a PEFT LoraConfig \(an object "
                                         r"with to_dict\(\)\), got builtins.dict"):
         add_lora_to_model(fresh(), {"r": 4})
+
+
+def test_adapter_files_get_umask_permissions_and_clear_a_dead_writers_temporaries(tmp_path):
+    import os
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()                                                        # a pid that no longer runs
+    stale = tmp_path / f".{WEIGHTS_NAME}.{proc.pid}.0123abcd.tmp"
+    stale.write_bytes(b"half")
+    old = os.umask(0o022)
+    try:
+        save_adapter(add_lora_to_model(fresh(), target_modules=["q_proj"], r=2), tmp_path)
+    finally:
+        os.umask(old)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([WEIGHTS_NAME, CONFIG_NAME])

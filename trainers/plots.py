@@ -33,13 +33,13 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)                      # atomic, like every other results file
+    from trainers.results import atomic_write
     import matplotlib.pyplot as plt
-    plt.close(fig)
+    path = Path(path)
+    try:                                   # atomic, like every other results file
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -201,8 +201,13 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _hidden(path: Path, top: Path) -> bool:
+    """A name under `top` starting with '.' (a replaced run, a temporary) is not a result."""
+    return any(part.startswith(".") for part in path.relative_to(top).parts)
+
+
 def _run_folders(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.glob("*/metrics.json"))
+    return sorted(p.parent for p in root.glob("*/metrics.json") if not _hidden(p, root))
 
 
 def redraw(results_dir) -> list[Path]:
@@ -213,7 +218,7 @@ def redraw(results_dir) -> list[Path]:
         raise FileNotFoundError(f"redraw: {str(top)!r} is not a folder of results")
     _pyplot()                                  # fail early, with the install hint
     written: list[Path] = []
-    roots = sorted({p.parent.parent for p in top.rglob("metrics.json")})
+    roots = sorted({p.parent.parent for p in top.rglob("metrics.json") if not _hidden(p, top)})
     for root in roots:
         runs = _run_folders(root)
         curves = {run.name: read_loss_log(run / "loss_log.csv") for run in runs if (run / "loss_log.csv").exists()}
