@@ -38,7 +38,8 @@ from allocation.precision import choose_precision, total_base_bytes
 from allocation.sparsity import SparsityAllocator
 from lora.adapter_io import save_adapter
 from lora.base import module_device
-from lora.model import LoraConfig, adapter_layers, add_lora_to_model, find_targets
+from lora.config import IA3Config
+from lora.model import LoraConfig, adapter_layers, add_ia3_to_model, add_lora_to_model, find_targets
 from quantization.model import HEAD_NAMES, quantize_model   # HEAD_NAMES: the task heads, never quantized or adapted
 from trainers import metrics, models
 from trainers.checkpoints import config_from_hf, load_hf_model, load_llama2c, read_hf_config, resolve_source
@@ -51,7 +52,7 @@ from trainers.results import (atomic_write, atomic_write_json, check_run_dir, js
 from trainers.tokenization import Llama2cTokenizer, load_tokenizer, train_bpe_tokenizer
 from trainers.train import TrainConfig, train
 
-METHODS = ("lora", "sparse", "hira", "dora", "adalora", "full")
+METHODS = ("lora", "sparse", "hira", "dora", "adalora", "ia3", "full")
 ALLOCATIONS = ("uniform", "adalora", "hutchinson", "curvature", "manual")
 QUANTS = (None, 4, 8, "mixed")
 
@@ -83,6 +84,8 @@ class ExperimentConfig:
         if self.method == "full" and (self.quant is not None or self.allocation != "uniform"):
             raise ValueError(f"{self.name}: full fine-tuning trains every weight, so it takes no quantized base "
                              f"and no rank allocation")
+        if self.method == "ia3" and (self.quant is not None or self.allocation != "uniform"):
+            raise ValueError(f"{self.name}: IA3 has no rank to allocate and is run on the float base here")
         if (self.method == "adalora") != (self.allocation == "adalora"):
             raise ValueError(f"{self.name}: method 'adalora' and allocation 'adalora' go together")
         if self.r < 1:
@@ -113,6 +116,7 @@ CONFIGS: dict[str, ExperimentConfig] = {c.name: c for c in [
     _C("Sparse-LoRA", method="sparse", description="LoRA r=8 with L1 and magnitude pruning of A and B"),
     _C("HiRA", method="hira", description="HiRA: high-rank update W0 * (B A), r=8"),
     _C("DoRA", method="dora", description="DoRA: magnitude and direction, LoRA r=8 on the direction"),
+    _C("IA3", method="ia3", description="IA3: learned vectors rescaling keys, values and the feed-forward input"),
     _C("Full-FT", method="full", description="full fine-tuning: every weight trains (reference)"),
 ]}
 del _C
@@ -139,6 +143,12 @@ def model_family(model: nn.Module) -> str | None:
 
 # PEFT's defaults for these families: the attention projections the LoRA paper adapts (Wq, Wv).
 DEFAULT_TARGETS = {"gpt2": ("c_attn",), "distilbert": ("q_lin", "v_lin"), "llama": ("q_proj", "v_proj")}
+
+
+# PEFT's IA3 defaults (target_modules, feedforward_modules): keys, values and the MLP's output projection.
+IA3_TARGETS = {"gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+               "distilbert": (("k_lin", "v_lin", "lin2"), ("lin2",)),
+               "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",))}
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
@@ -190,6 +200,13 @@ def prepare(model: nn.Module, exp: ExperimentConfig, calibration: Callable[[], I
         for p in model.parameters():
             p.requires_grad_(True)
         return model, NullAllocator(None)
+
+    if exp.method == "ia3":   # PEFT's per-family IA3 targets; the task head trains in full, as below
+        family = model_family(model)
+        targets, feedforward = IA3_TARGETS.get(family, (exp.target_modules, ()))
+        add_ia3_to_model(model, IA3Config(target_modules=exp.target_modules or targets,
+                                          feedforward_modules=feedforward, modules_to_save=task_heads(model)))
+        return model, NullAllocator(None)             # no ranks to allocate
 
     targets = exp.target_modules or default_targets(model)
     probe = LoraConfig(r=exp.r, lora_alpha=exp.lora_alpha, target_modules=targets, method=exp.method)
