@@ -274,8 +274,8 @@ def test_corrupt_config_fails_clearly(tmp_path):
                                                     "target_modules": ["q_proj"]}))
     with pytest.raises(ValueError, match="rank"):
         load_adapter(fresh(), tmp_path)
-    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "IA3", "target_modules": ["q_proj"]}))
-    with pytest.raises(ValueError, match="peft_type 'IA3'"):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LOHA", "target_modules": ["q_proj"]}))
+    with pytest.raises(ValueError, match="peft_type 'LOHA'"):
         load_adapter(fresh(), tmp_path)
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
         load_adapter(fresh(), tmp_path / "nowhere")
@@ -547,3 +547,22 @@ def test_peft_style_config_objects_convert_field_by_field():
     with pytest.raises(TypeError, match=r"config must be a lora.LoraConfig or a PEFT LoraConfig \(an object "
                                         r"with to_dict\(\)\), got builtins.dict"):
         add_lora_to_model(fresh(), {"r": 4})
+
+
+def test_adapter_files_get_umask_permissions_and_clear_a_dead_writers_temporaries(tmp_path):
+    import os
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()                                                        # a pid that no longer runs
+    stale = tmp_path / f".{WEIGHTS_NAME}.{proc.pid}.0123abcd.tmp"
+    stale.write_bytes(b"half")
+    old = os.umask(0o022)
+    try:
+        save_adapter(add_lora_to_model(fresh(), target_modules=["q_proj"], r=2), tmp_path)
+    finally:
+        os.umask(old)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([WEIGHTS_NAME, CONFIG_NAME])

@@ -54,7 +54,7 @@ def calibration(task, batch_size=8):
 
 def test_every_named_config_is_there_and_described():
     assert list(CONFIGS) == ["B-FP", "B-Q4", "B-Ada", "Joint-1", "Joint-2", "Joint-3", "SADRA", "DRaFT-Q",
-                             "Sparse-LoRA", "HiRA", "DoRA", "Full-FT"]
+                             "Sparse-LoRA", "HiRA", "DoRA", "IA3", "Full-FT"]
     assert all(c.description for c in CONFIGS.values())
     c = CONFIGS
     assert (c["B-FP"].method, c["B-FP"].r, c["B-FP"].quant, c["B-FP"].allocation) == ("lora", 8, None, "uniform")
@@ -103,6 +103,15 @@ def test_prepare_classification_trains_the_head_too():
     model, _ = prepare(tiny_cls(), CONFIGS["B-FP"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("score") for n in trainable)
+
+
+def test_prepare_ia3_rescales_keys_values_and_the_mlp_input():
+    model, alloc = prepare(tiny_lm(), CONFIGS["IA3"])
+    kinds = {n: m.feedforward for n, m in adapter_layers(model)}
+    assert kinds == {**{f"transformer.h.{i}.attn.c_attn": False for i in range(3)},
+                     **{f"transformer.h.{i}.mlp.c_proj": True for i in range(3)}}
+    assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"ia3_l"}
+    assert isinstance(alloc, NullAllocator)
 
 
 def test_prepare_full_fine_tuning_trains_everything():
@@ -306,3 +315,80 @@ def test_summarization_evaluator_scores_greedy_continuations():
                     source="synthetic", eval_from="synthetic")
     got = make_evaluator(task, tokenizer=Chars(), max_new_tokens=4)(model)
     assert got["rouge_l"] == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------- all or nothing
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder (hidden ones too)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class Boom(Exception):
+    pass
+
+
+def failing_evaluate(model):
+    raise Boom()
+
+
+def test_a_failed_run_leaves_no_folder_behind(tmp_path):
+    """Setup or training fails before any checkpoint: the folder (and the parents it made) go."""
+    with pytest.raises(ValueError, match="give target_modules"):      # prepare() fails after config.json
+        run_experiment(CONFIGS["B-FP"], nn.Sequential(nn.Linear(4, 4)), synthetic_task(),
+                       TrainConfig(steps=2, device="cpu"), tmp_path / "new" / "a")
+    assert not (tmp_path / "new").exists()
+    task = synthetic_task()
+    cfg = TrainConfig(steps=4, batch_size=8, eval_every=2, progress=False, device="cpu")
+    with pytest.raises(Boom):
+        run_experiment(CONFIGS["B-FP"], tiny_lm(), task, cfg, tmp_path / "b", failing_evaluate)
+    assert not (tmp_path / "b").exists()
+    run(tmp_path, "b", "B-FP", steps=2)                       # so the corrected call is not refused
+
+
+def test_a_failed_overwrite_puts_the_old_run_back(tmp_path):
+    run(tmp_path, "a", "B-FP", steps=2)
+    (tmp_path / "a" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path / "a")
+    task = synthetic_task()
+    cfg = TrainConfig(steps=4, batch_size=8, eval_every=2, progress=False, device="cpu")
+    with pytest.raises(Boom):
+        run_experiment(CONFIGS["Full-FT"], tiny_lm(), task, cfg, tmp_path / "a", failing_evaluate, overwrite=True)
+    assert snapshot(tmp_path / "a") == before                # same files, same bytes, nothing hidden left
+    run(tmp_path, "a", "Full-FT", steps=2, overwrite=True)
+    assert (tmp_path / "a" / "model.safetensors").exists()
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
+    assert [p.name for p in (tmp_path / "a").iterdir() if p.name.startswith(".")] == []   # the replaced run is gone
+
+
+def test_a_run_stopped_after_a_checkpoint_is_kept_for_resume(tmp_path):
+    """Failure after checkpoint.pt exists: config.json and the checkpoint stay; the folder refuses a
+    new run (naming --resume), overwrite refuses to delete the checkpoint, resume finishes the run
+    to the losses of a run that never stopped."""
+    from trainers.results import check_run_dir, run_state
+    task = synthetic_task()
+    cfg = TrainConfig(steps=8, batch_size=8, lr=1e-2, warmup_steps=2, eval_every=0, checkpoint_every=3,
+                      progress=False, device="cpu")
+    full = run_experiment(CONFIGS["B-FP"], tiny_lm(), task, cfg, tmp_path / "full")
+    calls = []
+
+    def evaluate(model):                                       # the final evaluation fails once
+        calls.append(1)
+        raise Boom()
+    with pytest.raises(Boom):
+        run_experiment(CONFIGS["B-FP"], tiny_lm(), task, cfg, tmp_path / "b", evaluate)
+    assert run_state(tmp_path / "b") == "resumable"
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint.pt", "config.json"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        check_run_dir(tmp_path / "b")
+    with pytest.raises(FileExistsError, match="does not delete a checkpoint"):
+        run_experiment(CONFIGS["B-FP"], tiny_lm(), task, cfg, tmp_path / "b", overwrite=True)
+    with pytest.raises(ValueError, match="train.lr"):       # resuming with other settings is refused
+        run_experiment(CONFIGS["B-FP"], tiny_lm(), task, dataclasses.replace(cfg, lr=0.5), tmp_path / "b",
+                       resume=True)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint.pt", "config.json"]
+    row = run_experiment(CONFIGS["B-FP"], tiny_lm(), task, cfg, tmp_path / "b", resume=True)
+    assert row["final_loss"] == full["final_loss"]
+    assert (tmp_path / "b" / "loss_log.csv").read_text() == (tmp_path / "full" / "loss_log.csv").read_text()
+    with pytest.raises(FileNotFoundError, match="finished"):
+        run_experiment(CONFIGS["B-FP"], tiny_lm(), task, cfg, tmp_path / "b", resume=True)

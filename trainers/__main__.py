@@ -5,23 +5,30 @@
     python -m trainers matrix --tasks sst2,tiny_shakespeare --configs B-FP,B-Q4,SADRA --model gpt2-tiny
     python -m trainers ablate rank ...                   trainers/ablations.py
     python -m trainers plots --results results/          redraw every figure from the files
+    python -m trainers plan --model llama-7b --method qlora   will it fit? (trainers/plan.py)
 
 The options of `run` and `matrix` are generated from the fields of TrainConfig
 (trainers/train.py) and RunSettings (trainers/experiments.py): `--steps`, `--lr`,
-`--batch-size`, `--paged-adamw`, `--max-length`, `--limit`, ... An existing run
-folder is never overwritten unless `--overwrite` is given.
+`--batch-size`, `--paged-adamw`, `--max-length`, `--limit`, ... Every value is checked
+(by the dataclasses) before anything is created or loaded. An existing run folder is
+never overwritten unless `--overwrite` is given, and never loses a checkpoint: a run that
+stopped part-way is continued with `--resume` (give the same options again).
+
+A bad option, a missing file, a folder that cannot be written: one `error: ...` line on
+stderr and a non-zero exit (2: what was given is wrong; 1: something failed while running).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
 
 from trainers.experiments import CONFIGS, MODEL_HELP, RunSettings, run_matrix, run_task
-from trainers.results import write_summary
-from trainers.train import TrainConfig
+from trainers.results import RUN_FILES, check_run_dir, checkpoint_progress, run_state, write_summary
+from trainers.train import NonFiniteLossError, TrainConfig
 
 SUBCOMMANDS = ("run", "matrix", "ablate", "plots")
 ABLATIONS = ("rank", "targets", "memory")
@@ -72,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainers", epilog=_epilog(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="nanopeft: parameter-efficient fine-tuning experiments.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,matrix,ablate,plots}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,matrix,ablate,plots,plan}")
     for name, help_text in (("run", "one configuration on one task"),
                             ("matrix", "every task x configuration, plus the summary")):
         p = sub.add_parser(name, help=help_text, epilog=_epilog(),
@@ -86,7 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--tasks", required=True, help="comma-separated task names")
             p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated config names (default all)")
         p.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace a finished run in the folder (its files; others stay). It refuses a run "
+                            "that stopped part-way after a checkpoint: --resume it, or delete its checkpoint.pt "
+                            "yourself. If the new run fails, the old one is put back")
+        p.add_argument("--resume", action="store_true",
+                       help="continue a run that stopped part-way (killed, interrupted) from its checkpoint.pt "
+                            "(written every --checkpoint-every steps), to the same losses as a run that never "
+                            "stopped; give the same options as the first time" +
+                            ("" if name == "run" else "; finished runs are kept, the others start"))
         add_dataclass_args(p, TrainConfig, "training (TrainConfig)")
         add_dataclass_args(p, RunSettings, "model and data (RunSettings)")
     p = sub.add_parser("ablate", help="rank, target-module or memory ablation (trainers/ablations.py)")
@@ -94,48 +109,107 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the ablation")
     p = sub.add_parser("plots", help="redraw the figures from a results folder")
     p.add_argument("--results", type=Path, default=Path("results"))
+    sub.add_parser("plan", help="will it fit? peak training memory (python -m trainers plan --help)")
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(message).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; a bad value or a failed write is one `error:` line and exit 2 or 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileExistsError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)     # a bad value or name, a busy folder, missing data
+        return 2
+    except (OSError, NonFiniteLossError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)     # a failed write, a diverged run
+        return 1
+
+
+def _run_dir(args) -> Path:
+    name = args.name if args.name is not None else f"{args.task}__{args.config}"
+    if not name or name in (".", "..") or name.startswith(".") or "/" in name or os.sep in name:
+        raise ValueError(f"--name: expected a folder name (no '/', not starting with '.'), got {name!r}")
+    return args.results / name
+
+
+def _note_overwrite(out_dir: Path) -> None:
+    if run_state(out_dir) == "finished":
+        files = [name for name in RUN_FILES if (out_dir / name).exists()]
+        print(f"--overwrite: replacing the finished run in {out_dir} ({', '.join(files)}); it is put back "
+              f"if the new run fails", file=sys.stderr)
+
+
+def _main(argv: list[str]) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         from trainers import planted                      # the offline default job, with its own options
         return planted.main(argv)
+    if argv[0] == "plan":                                 # the memory planner parses its own options
+        from trainers import plan
+        return plan.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.command == "run":
-            if args.task not in _known_tasks():
-                parser.error(f"unknown task {args.task}; known tasks: {', '.join(_known_tasks())}")
-            out_dir = args.results / (args.name or f"{args.task}__{args.config}")
-            row = run_task(args.config, args.task, from_args(TrainConfig, args), out_dir,
-                           from_args(RunSettings, args), overwrite=args.overwrite)
-            csv_path, _ = write_summary(args.results)
-            print(f"{row['run']}: {row['metric']} = {row['metric_value']}, final loss {row['final_loss']:.4f}, "
-                  f"trainable {row['trainable_params']} ({row['trainable_pct']:.3f} %)\n"
-                  f"results: {out_dir}  summary: {csv_path}")
-        elif args.command == "matrix":
-            tasks = _names(args.tasks, _known_tasks(), "tasks", parser)
-            configs = _names(args.configs, list(CONFIGS), "configs", parser)
-            try:
-                rows = run_matrix(tasks, configs, from_args(TrainConfig, args), args.results,
-                                  from_args(RunSettings, args), overwrite=args.overwrite)
-            except RuntimeError as err:       # some runs failed; the others and the summary are written
-                print(f"error: {err}", file=sys.stderr)
-                return 1
-            print(f"{len(rows)} runs; summary: {args.results / 'experiment_summary.csv'}")
-        elif args.command == "ablate":
-            from trainers import ablations
-            return ablations.main([args.kind, *args.rest])
-        elif args.command == "plots":
-            from trainers.plots import redraw
-            for path in redraw(args.results):
-                print(path)
-    except (FileExistsError, FileNotFoundError, ValueError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)      # a bad name, a busy folder, missing data
-        return 2
+    if args.command in ("run", "matrix"):
+        train_cfg, settings = from_args(TrainConfig, args), from_args(RunSettings, args)   # checked here
+        if args.overwrite and args.resume:
+            raise ValueError("--overwrite and --resume exclude each other: --resume continues the run in the "
+                             "folder, --overwrite starts a new one")
+    if args.command == "run":
+        if args.task not in _known_tasks():
+            parser.error(f"unknown task {args.task}; known tasks: {', '.join(_known_tasks())}")
+        out_dir = _run_dir(args)
+        if args.overwrite:
+            check_run_dir(out_dir, overwrite=True)
+            _note_overwrite(out_dir)
+        try:
+            row = run_task(args.config, args.task, train_cfg, out_dir, settings, overwrite=args.overwrite,
+                           resume=args.resume)
+        except BaseException:
+            if run_state(out_dir) == "resumable":
+                print(f"note: {out_dir} keeps the run's checkpoint ({checkpoint_progress(out_dir)}): run the "
+                      f"same command with --resume to continue it", file=sys.stderr)
+            raise
+        csv_path, _ = write_summary(args.results)
+        print(f"{row['run']}: {row['metric']} = {row['metric_value']}, final loss {row['final_loss']:.4f}, "
+              f"trainable {row['trainable_params']} ({row['trainable_pct']:.3f} %)\n"
+              f"results: {out_dir}  summary: {csv_path}")
+    elif args.command == "matrix":
+        tasks = _names(args.tasks, _known_tasks(), "tasks", parser)
+        configs = _names(args.configs, list(CONFIGS), "configs", parser)
+        if args.overwrite:
+            for task in tasks:
+                for config in configs:
+                    check_run_dir(args.results / f"{task}__{config}", overwrite=True)
+            for task in tasks:
+                for config in configs:
+                    _note_overwrite(args.results / f"{task}__{config}")
+        try:
+            rows = run_matrix(tasks, configs, train_cfg, args.results, settings, overwrite=args.overwrite,
+                              resume=args.resume)
+        except RuntimeError as err:       # some runs failed; the others and the summary are written
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"{len(rows)} runs; summary: {args.results / 'experiment_summary.csv'}")
+    elif args.command == "ablate":
+        from trainers import ablations
+        return ablations.main([args.kind, *args.rest])
+    elif args.command == "plots":
+        from trainers.plots import redraw
+        try:
+            paths = redraw(args.results)
+        except ImportError as err:        # matplotlib is an optional extra
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+            return 1
+        for path in paths:
+            print(path)
     return 0
 
 

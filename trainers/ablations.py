@@ -27,6 +27,7 @@ size, which only ever grows within a process; so each memory point runs in a fre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -78,6 +79,22 @@ class AblationSettings:
     ranks: tuple = RANKS             # the rank ablation's ranks
     isolate: bool | None = None      # run memory points in fresh processes; None: on the CPU only
     planted_dim: int = 64            # the planted task's width (when task is "planted")
+
+    def __post_init__(self):
+        """Refuse a bad value when the settings are built (trainers/config_checks.py)."""
+        from trainers.config_checks import check_device, check_floats, check_ints
+        check_ints(self, ("steps", "batch_size", "max_length", "planted_dim"), minimum=1)
+        check_ints(self, ("limit", "eval_examples"), minimum=1, optional=True)
+        check_ints(self, ("seed",), minimum=0)
+        check_floats(self, ("lr",), minimum=0)
+        check_floats(self, ("full_ft_lr",), minimum=0, optional=True)
+        check_device(self)
+        self.ranks = tuple(self.ranks)
+        if not self.ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.ranks):
+            raise ValueError(f"AblationSettings.ranks (--ranks): expected integers >= 1, got {self.ranks!r}")
+        if self.task not in (None, "planted"):
+            from trainers.data import get_task
+            get_task(self.task)                  # a KeyError naming the known tasks
 
 
 def resolve_defaults(s: AblationSettings) -> AblationSettings:
@@ -210,14 +227,27 @@ def run_ablation(kind: str, settings: AblationSettings | None = None, out: Path 
     if kind not in KINDS:
         raise ValueError(f"unknown ablation {kind!r}; known: {', '.join(KINDS)}")
     from trainers.planted import new_results_dir
-    from trainers.results import MISSING, atomic_write_text, write_summary
+    from trainers.results import adding_to
     s = resolve_defaults(settings or AblationSettings())
-    ctx = _Context(s)
+    device_type = _device_type(s.device)        # an absent device fails before anything is written
+    isolate = s.isolate if s.isolate is not None else (kind == "memory" and device_type == "cpu")
+    ctx = _Context(s)                            # loads the model and data: no folder exists yet
     points = ablation_points(kind, ctx)
-    if out is None:
-        out = new_results_dir(results_root, prefix=f"ablation-{kind}")
-    out = Path(out)
-    isolate = s.isolate if s.isolate is not None else (kind == "memory" and _device_type(s.device) == "cpu")
+    made = out is None
+    out = new_results_dir(results_root, prefix=f"ablation-{kind}") if made else Path(out)
+    try:
+        with adding_to(out):                     # all or nothing under `out`
+            return _run_points(kind, s, ctx, points, out, isolate)
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()                      # empty again: a failed ablation leaves no folder behind
+        raise
+
+
+def _run_points(kind: str, s: AblationSettings, ctx: _Context, points: list, out: Path, isolate: bool) -> list[dict]:
+    """Each point's run, then the summary, <kind>_ablation.csv and the plot."""
+    from trainers.results import MISSING, atomic_write_text, write_summary
     rows = []
     for folder, exp, own in points:
         if isolate:
@@ -253,15 +283,16 @@ def _device_type(device: str | None) -> str:
 
 
 def format_rows(kind: str, rows: list[dict]) -> str:
+    """The ablation's own columns as a text table; each column as wide as its widest cell, so no
+    label is cut ("Q,K,V (fused c_attn)"); text left-aligned, numbers right-aligned."""
     columns = COLUMNS[kind]
-    lines = ["  ".join(f"{c:>16}" for c in columns)]
-    for row in rows:
-        cells = []
-        for c in columns:
-            v = row[c]
-            cells.append(f"{v:>16.4g}" if isinstance(v, float) else f"{str(v)[:16]:>16}")
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+    cells = [[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns] for row in rows]
+    numeric = [all(isinstance(row[c], (int, float)) for row in rows) for c in columns]
+    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+    return "\n".join([line(columns)] + [line(values) for values in cells])
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -289,16 +320,27 @@ def build_parser(kind: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise ValueError(f"--ranks: expected comma-separated integers, e.g. 1,4,16, got {text!r}") from None
+
+
 def main(argv=None, kind: str | None = None) -> int:
+    """`python -m trainers ablate KIND ...`; a bad value raises ValueError before anything is
+    written (the trainers CLI prints it as one `error:` line)."""
     args = build_parser(kind).parse_args(argv)
     kind = kind or args.kind
     settings = AblationSettings(task=args.task, model=args.model, steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, full_ft_lr=args.full_ft_lr, max_length=args.max_length,
                                 limit=args.limit, eval_examples=args.eval_examples, data_dir=args.data_dir,
-                                seed=args.seed, device=args.device,
-                                ranks=tuple(int(r) for r in args.ranks.split(",") if r))
-    if args.out is not None and args.out.exists() and any(args.out.iterdir()):
-        raise SystemExit(f"ablation: {str(args.out)!r} already holds results; choose another --out")
+                                seed=args.seed, device=args.device, ranks=_ranks(args.ranks))
+    if args.out is not None:
+        from trainers.results import check_writable
+        check_writable(args.out)
+        if args.out.is_dir() and any(p for p in args.out.iterdir() if not p.name.startswith(".")):
+            raise FileExistsError(f"ablation: --out {str(args.out)!r} already holds results; choose another folder")
     rows = run_ablation(kind, settings, args.out)
     print(format_rows(kind, rows))
     return 0

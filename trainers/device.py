@@ -14,12 +14,30 @@ import torch
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+DTYPE_NAMES = tuple(_DTYPES)
+
+
+DEVICE_NAMES = "cpu, cuda, cuda:N or mps (none or 'auto': the best one present)"
+
+
+def parse_device(name: str | None) -> torch.device | None:
+    """The device `name` names, or None for the automatic choice; a ValueError (not torch's
+    RuntimeError) for anything else, such as "tpu" or "meta". Availability is not checked."""
+    if name in (None, "", "auto"):
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device: expected {DEVICE_NAMES}, got {name!r}")
+    return device
 
 
 def pick_device(name: str | None = None) -> torch.device:
     """`name` ("cuda", "mps", "cpu", "cuda:1") overrides; otherwise the best one present."""
-    if name not in (None, "", "auto"):
-        device = torch.device(name)
+    device = parse_device(name)
+    if device is not None:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device: asked for {name!r} but CUDA is not available here")
         if device.type == "mps" and not torch.backends.mps.is_available():

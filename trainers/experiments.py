@@ -20,6 +20,7 @@ Methods and where they come from:
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,19 +38,21 @@ from allocation.precision import choose_precision, total_base_bytes
 from allocation.sparsity import SparsityAllocator
 from lora.adapter_io import save_adapter
 from lora.base import module_device
-from lora.model import LoraConfig, adapter_layers, add_lora_to_model, find_targets
+from lora.config import IA3Config
+from lora.model import LoraConfig, adapter_layers, add_ia3_to_model, add_lora_to_model, find_targets
 from quantization.model import HEAD_NAMES, quantize_model   # HEAD_NAMES: the task heads, never quantized or adapted
 from trainers import metrics, models
 from trainers.checkpoints import config_from_hf, load_hf_model, load_llama2c, read_hf_config, resolve_source
+from trainers.config_checks import check_ints
 from trainers.data import get_task, load_task, read_raw
 from trainers.device import pick_device
 from trainers.paths import data_file
-from trainers.results import (atomic_write_json, check_run_dir, prepare_run_dir, summary_row,
-                              write_loss_log, write_summary)
+from trainers.results import (atomic_write, atomic_write_json, check_run_dir, jsonable, run_folder, run_state,
+                              summary_row, write_loss_log, write_summary)
 from trainers.tokenization import Llama2cTokenizer, load_tokenizer, train_bpe_tokenizer
 from trainers.train import TrainConfig, train
 
-METHODS = ("lora", "sparse", "hira", "dora", "adalora", "full")
+METHODS = ("lora", "sparse", "hira", "dora", "adalora", "ia3", "full")
 ALLOCATIONS = ("uniform", "adalora", "hutchinson", "curvature", "manual")
 QUANTS = (None, 4, 8, "mixed")
 
@@ -81,6 +84,8 @@ class ExperimentConfig:
         if self.method == "full" and (self.quant is not None or self.allocation != "uniform"):
             raise ValueError(f"{self.name}: full fine-tuning trains every weight, so it takes no quantized base "
                              f"and no rank allocation")
+        if self.method == "ia3" and (self.quant is not None or self.allocation != "uniform"):
+            raise ValueError(f"{self.name}: IA3 has no rank to allocate and is run on the float base here")
         if (self.method == "adalora") != (self.allocation == "adalora"):
             raise ValueError(f"{self.name}: method 'adalora' and allocation 'adalora' go together")
         if self.r < 1:
@@ -111,6 +116,7 @@ CONFIGS: dict[str, ExperimentConfig] = {c.name: c for c in [
     _C("Sparse-LoRA", method="sparse", description="LoRA r=8 with L1 and magnitude pruning of A and B"),
     _C("HiRA", method="hira", description="HiRA: high-rank update W0 * (B A), r=8"),
     _C("DoRA", method="dora", description="DoRA: magnitude and direction, LoRA r=8 on the direction"),
+    _C("IA3", method="ia3", description="IA3: learned vectors rescaling keys, values and the feed-forward input"),
     _C("Full-FT", method="full", description="full fine-tuning: every weight trains (reference)"),
 ]}
 del _C
@@ -137,6 +143,12 @@ def model_family(model: nn.Module) -> str | None:
 
 # PEFT's defaults for these families: the attention projections the LoRA paper adapts (Wq, Wv).
 DEFAULT_TARGETS = {"gpt2": ("c_attn",), "distilbert": ("q_lin", "v_lin"), "llama": ("q_proj", "v_proj")}
+
+
+# PEFT's IA3 defaults (target_modules, feedforward_modules): keys, values and the MLP's output projection.
+IA3_TARGETS = {"gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+               "distilbert": (("k_lin", "v_lin", "lin2"), ("lin2",)),
+               "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",))}
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
@@ -188,6 +200,13 @@ def prepare(model: nn.Module, exp: ExperimentConfig, calibration: Callable[[], I
         for p in model.parameters():
             p.requires_grad_(True)
         return model, NullAllocator(None)
+
+    if exp.method == "ia3":   # PEFT's per-family IA3 targets; the task head trains in full, as below
+        family = model_family(model)
+        targets, feedforward = IA3_TARGETS.get(family, (exp.target_modules, ()))
+        add_ia3_to_model(model, IA3Config(target_modules=exp.target_modules or targets,
+                                          feedforward_modules=feedforward, modules_to_save=task_heads(model)))
+        return model, NullAllocator(None)             # no ranks to allocate
 
     targets = exp.target_modules or default_targets(model)
     probe = LoraConfig(r=exp.r, lora_alpha=exp.lora_alpha, target_modules=targets, method=exp.method)
@@ -324,42 +343,72 @@ def make_evaluator(data, *, tokenizer=None, batch_size: int = 32, max_examples: 
 def run_experiment(exp: ExperimentConfig, model: nn.Module, task, train_cfg: TrainConfig, out_dir: Path,
                    evaluate: Callable[[nn.Module], dict] | None = None, *, overwrite: bool = False,
                    budget_rank: int = 8, model_name: str = "", calibration: Callable | None = None,
-                   resume: bool = False) -> dict:
+                   resume: bool = False, settings: dict | None = None) -> dict:
     """Prepare `model` for `exp`, train it on `task` (a trainers.data.TaskData, or anything
     with `.batches(split, batch_size, shuffle=, seed=, drop_last=)` and `.spec.name/.metric`),
     and write the run folder. Returns the run's summary row (trainers.results.SUMMARY_COLUMNS).
-    An existing non-empty out_dir is an error unless overwrite (or resume) is set."""
-    out_dir = prepare_run_dir(out_dir, overwrite=overwrite or resume, keep_checkpoint=resume)
+
+    The folder is all or nothing (trainers.results.run_folder): an existing non-empty out_dir
+    is an error unless `overwrite` (a finished run) or `resume` (a run stopped after a
+    checkpoint: `model` must be built as the first time, and the configs must match those in
+    its config.json). `settings`: anything else that defines the run, recorded (and compared
+    on resume) in config.json."""
     cfg = train_cfg
+    cfg.__post_init__()                       # bad values and absent devices fail before the folder is touched
+    device = pick_device(cfg.device)
+    run_config = {"experiment": asdict(exp), "train": asdict(cfg), "task": task.spec.name, "model": model_name,
+                  "budget_rank": budget_rank, "settings": settings or {},
+                  "data_source": getattr(task, "source", None), "data_note": getattr(task, "note", "")}
 
     def batches(epoch: int):
         return task.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch, drop_last=True)
 
     if calibration is None:
         calibration = lambda: task.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed + 7919)  # noqa: E731
-    model.to(pick_device(cfg.device))         # calibrate and quantize where training will run
-    torch.manual_seed(cfg.seed)               # adapter initialisation is part of the seeded run
-    model, allocator = prepare(model, exp, calibration, budget_rank, steps=cfg.steps)
-    spec = task.spec
-    run_config = {"experiment": asdict(exp), "train": asdict(cfg), "task": spec.name, "model": model_name,
-                  "budget_rank": budget_rank, "data_source": getattr(task, "source", None),
-                  "data_note": getattr(task, "note", "")}
-    atomic_write_json(out_dir / "config.json", run_config)
+    with run_folder(out_dir, overwrite=overwrite, resume=resume) as out_dir:
+        if resume:
+            _check_same_run(out_dir / "config.json", run_config)
+        else:
+            atomic_write_json(out_dir / "config.json", run_config)
+        model.to(device)                      # calibrate and quantize where training will run
+        torch.manual_seed(cfg.seed)           # adapter initialisation is part of the seeded run
+        model, allocator = prepare(model, exp, calibration, budget_rank, steps=cfg.steps)
 
-    result = train(model, batches, cfg, evaluate=evaluate, allocator=allocator, out_dir=out_dir, resume=resume)
+        result = train(model, batches, cfg, evaluate=evaluate, allocator=allocator, out_dir=out_dir, resume=resume)
 
-    if exp.method == "full":
-        save_model(model, str(out_dir / "model.safetensors"))
-    else:
-        save_adapter(model, out_dir, base_model_name_or_path=model_name or None)
-    metric = spec.metric if spec.metric in result.metrics else "final_loss"
-    run_metrics = {"metric": metric, "metric_value": result.metrics.get(metric), **result.metrics,
-               "final_ranks": {n: int(r) for n, r in _final_ranks(model).items()}}
-    write_loss_log(out_dir / "loss_log.csv", result.loss_log)
-    atomic_write_json(out_dir / "eval_log.json", result.eval_log)
-    atomic_write_json(out_dir / "rank_history.json", list(getattr(allocator, "rank_history", [])))
-    atomic_write_json(out_dir / "metrics.json", run_metrics)
+        if exp.method == "full":
+            atomic_write(out_dir / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
+        else:
+            save_adapter(model, out_dir, base_model_name_or_path=model_name or None)
+        metric = task.spec.metric if task.spec.metric in result.metrics else "final_loss"
+        run_metrics = {"metric": metric, "metric_value": result.metrics.get(metric), **result.metrics,
+                       "final_ranks": {n: int(r) for n, r in _final_ranks(model).items()}}
+        write_loss_log(out_dir / "loss_log.csv", result.loss_log)
+        atomic_write_json(out_dir / "eval_log.json", result.eval_log)
+        atomic_write_json(out_dir / "rank_history.json", list(getattr(allocator, "rank_history", [])))
+        atomic_write_json(out_dir / "metrics.json", run_metrics)   # last: its presence marks a finished run
     return summary_row(out_dir.name, run_config, run_metrics)
+
+
+# Settings that change what is shown, not what is computed: a resumed run may differ in these.
+DISPLAY_ONLY = ("progress", "log_every")
+
+
+def _check_same_run(config_path: Path, run_config: dict) -> None:
+    """A resumed run must be the run that stopped: same experiment, training config (but for
+    DISPLAY_ONLY), task, model and settings as its config.json, or the losses would differ."""
+    if not config_path.exists():
+        raise FileNotFoundError(f"resume: {str(config_path)!r} is missing, so the run cannot be checked")
+    saved = json.loads(config_path.read_text())
+    given = json.loads(json.dumps(jsonable(run_config)))
+    differ = [f"{key}.{name}: {saved.get(key, {}).get(name)!r} there, {value!r} now"
+              for key in ("experiment", "train", "settings") for name, value in given[key].items()
+              if name not in DISPLAY_ONLY and saved.get(key, {}).get(name) != value]
+    differ += [f"{key}: {saved.get(key)!r} there, {given[key]!r} now" for key in ("task", "model", "budget_rank")
+               if saved.get(key) != given[key]]
+    if differ:
+        raise ValueError(f"resume: the run in {str(config_path.parent)!r} was started with other settings; "
+                         f"give the same ones ({'; '.join(differ)})")
 
 
 def _final_ranks(model: nn.Module) -> dict[str, int]:
@@ -456,13 +505,25 @@ class RunSettings:
     budget_rank: int = 8                   # the uniform rank whose budget adaptive methods match
     eval_batch_size: int = 32
 
+    def __post_init__(self):
+        check_ints(self, ("max_length", "budget_rank", "eval_batch_size"), minimum=1)
+        check_ints(self, ("limit", "eval_examples"), minimum=1, optional=True)
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"RunSettings.model (--model): expected {MODEL_HELP}, got {self.model!r}")
+
 
 def run_task(config: str | ExperimentConfig, task_name: str, train_cfg: TrainConfig, out_dir: Path,
-             settings: RunSettings = RunSettings(), *, overwrite: bool = False, loaded=None) -> dict:
-    """One named run: load the model and task by name, then run_experiment.
-    `loaded` = (tokenizer, TaskData) reuses a tokenized task (run_matrix does)."""
+             settings: RunSettings = RunSettings(), *, overwrite: bool = False, resume: bool = False,
+             loaded=None) -> dict:
+    """One named run: load the model and task by name, then run_experiment (which see for
+    `overwrite` and `resume`). `loaded` = (tokenizer, TaskData) reuses a tokenized task
+    (run_matrix does)."""
     exp = get_config(config) if isinstance(config, str) else config
-    check_run_dir(out_dir, overwrite)
+    get_task(task_name)
+    train_cfg.__post_init__()
+    settings.__post_init__()
+    pick_device(train_cfg.device)                      # everything that can be checked early is,
+    check_run_dir(out_dir, overwrite, resume)          # before minutes of loading
     model, tokenizer = load_model(settings.model, task_name, max_length=settings.max_length,
                                   data_dir=settings.data_dir, seed=train_cfg.seed,
                                   tokenizer=loaded[0] if loaded is not None else None)
@@ -473,28 +534,55 @@ def run_task(config: str | ExperimentConfig, task_name: str, train_cfg: TrainCon
                              data_dir=settings.data_dir, seed=train_cfg.seed)
     evaluate = make_evaluator(data, tokenizer=tokenizer, batch_size=settings.eval_batch_size,
                               max_examples=settings.eval_examples)
-    return run_experiment(exp, model, data, train_cfg, out_dir, evaluate, overwrite=overwrite,
-                          budget_rank=settings.budget_rank, model_name=settings.model)
+    return run_experiment(exp, model, data, train_cfg, out_dir, evaluate, overwrite=overwrite, resume=resume,
+                          budget_rank=settings.budget_rank, model_name=settings.model, settings=asdict(settings))
 
 
 def run_matrix(tasks: list[str], configs: list[str], train_cfg: TrainConfig, results_root: Path,
-               settings: RunSettings = RunSettings(), *, overwrite: bool = False) -> list[dict]:
+               settings: RunSettings = RunSettings(), *, overwrite: bool = False, resume: bool = False) -> list[dict]:
     """Every task x config into results_root/<task>__<config>/, then the summary files.
-    A failed run is reported (error.txt in its folder) and the others go on; if any
-    failed, a RuntimeError naming them is raised after the summary is written."""
+
+    A failed run leaves its folder as it was (trainers.results.run_folder) and the others go
+    on; if any failed, a RuntimeError naming them is raised after the summary is written.
+    `resume`: continue a stopped matrix: finished runs are kept (not run again), runs stopped
+    after a checkpoint are resumed, the others start."""
     for name in configs:
         get_config(name)                                     # unknown names fail before any work
     for name in tasks:
         get_task(name)
+    train_cfg.__post_init__()
+    settings.__post_init__()
+    pick_device(train_cfg.device)
     root = Path(results_root)
+    todo = {}                                                # run folder -> "run" | "resume" | "keep"
     for task_name in tasks:
         for config in configs:
-            check_run_dir(root / f"{task_name}__{config}", overwrite)
+            out_dir = root / f"{task_name}__{config}"
+            state = run_state(out_dir) if resume else None
+            if state == "finished":
+                todo[out_dir] = "keep"
+            elif state == "resumable":
+                check_run_dir(out_dir, resume=True)
+                todo[out_dir] = "resume"
+            else:
+                try:
+                    check_run_dir(out_dir, overwrite)
+                except FileExistsError as err:
+                    if run_state(out_dir) == "resumable":     # the message names resume already
+                        raise
+                    raise FileExistsError(f"{err}, or resume=True (--resume) to keep the matrix's finished runs "
+                                          f"and continue the others") from None
+                todo[out_dir] = "run"
     rows, failed = [], []
     for task_name in tasks:
         loaded = None
         for config in configs:
             out_dir = root / f"{task_name}__{config}"
+            if todo[out_dir] == "keep":
+                run_config, run_metrics = (json.loads((out_dir / name).read_text())
+                                           for name in ("config.json", "metrics.json"))
+                rows.append(summary_row(out_dir.name, run_config, run_metrics))
+                continue
             try:
                 if loaded is None:
                     _, tokenizer = load_model(settings.model, task_name, max_length=settings.max_length,
@@ -502,12 +590,11 @@ def run_matrix(tasks: list[str], configs: list[str], train_cfg: TrainConfig, res
                     loaded = (tokenizer, load_task_for(task_name, tokenizer, max_length=settings.max_length,
                                                        limit=settings.limit, data_dir=settings.data_dir,
                                                        seed=train_cfg.seed))
-                rows.append(run_task(config, task_name, train_cfg, out_dir, settings, overwrite=overwrite,
-                                     loaded=loaded))
+                rows.append(run_task(config, task_name, train_cfg, out_dir, settings, loaded=loaded,
+                                     overwrite=overwrite and todo[out_dir] == "run",
+                                     resume=todo[out_dir] == "resume"))
             except Exception as err:   # noqa: BLE001 - one broken run must not lose the others
                 failed.append(f"{out_dir.name}: {type(err).__name__}: {err}")
-                if out_dir.is_dir():
-                    (out_dir / "error.txt").write_text(failed[-1] + "\n")
     if rows:
         write_summary(root)
     if failed:

@@ -34,6 +34,7 @@ layer r=8: it is uniform LoRA, and the table says so rather than hiding it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -49,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora.base import module_device
+from trainers.config_checks import check_device, check_floats, check_ints
 
 MODULES = ("fc1", "fc2")
 # Planted rank per block: (fc1, fc2). Each of 0, 1, 2, 4, 8, 16 appears once in each column.
@@ -69,6 +71,19 @@ class PlantedConfig:
     nf4_grid: bool = True           # snap the base weights to the NF4 grid (see build_planted)
     seed: int = 0                   # teacher, planted directions, data and adapters
     device: str | None = None       # None: the best one present (trainers/device.py)
+
+    def __post_init__(self):
+        """Refuse a bad value when the config is built (trainers/config_checks.py)."""
+        check_ints(self, ("dim", "budget_rank", "steps", "batch_size", "eval_examples", "calibration_batches"),
+                   minimum=1)
+        check_ints(self, ("seed",), minimum=0)
+        check_floats(self, ("sigma", "lr"), minimum=0)
+        check_device(self)
+        ok = all(len(ks) == len(MODULES) and all(isinstance(k, int) and 0 <= k <= self.dim for k in ks)
+                 for ks in self.planted) and len(self.planted) > 0
+        if not ok:
+            raise ValueError(f"PlantedConfig.planted: expected ({', '.join(MODULES)}) rank pairs, each rank an "
+                             f"integer in [0, dim={self.dim}], got {self.planted!r}")
 
     @classmethod
     def quick(cls, **overrides) -> "PlantedConfig":
@@ -133,9 +148,7 @@ def build_planted(cfg: PlantedConfig) -> tuple[PlantedMLP, PlantedMLP, dict[str,
     layer of the 4-bit methods and hide the planted ranks (a rank-1 plant is 0.5). QLoRA's
     cost on real weights is the memory ablation's and the matrix's business."""
     dim = cfg.dim
-    planted = cfg.planted_ranks()
-    if max(planted.values()) > dim:
-        raise ValueError(f"PlantedConfig: a planted rank ({max(planted.values())}) exceeds dim={dim}")
+    planted = cfg.planted_ranks()                  # each <= dim (PlantedConfig checks)
     gen = torch.Generator().manual_seed(cfg.seed)
     base = PlantedMLP(dim, len(cfg.planted))
     with torch.no_grad():
@@ -270,7 +283,8 @@ def _slug(label: str) -> str:
 
 
 def new_results_dir(root: Path, prefix: str = "planted") -> Path:
-    """results/<prefix>-<timestamp>, with -2, -3, ... appended rather than reusing a folder."""
+    """results/<prefix>-<timestamp>, with -2, -3, ... appended rather than reusing a folder
+    (created here; a caller whose job fails removes it again)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(root) / f"{prefix}-{stamp}"
     n = 2
@@ -281,17 +295,22 @@ def new_results_dir(root: Path, prefix: str = "planted") -> Path:
     return path
 
 
+def train_config(cfg: PlantedConfig, progress: bool = False):
+    """The training settings every method of the benchmark gets (AdamW, cosine, short warm-up)."""
+    from trainers.train import TrainConfig
+    return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
+                       warmup_steps=max(1, cfg.steps // 20), schedule="cosine", clip=1.0,
+                       eval_every=0, seed=cfg.seed, device=cfg.device, progress=progress)
+
+
 def run_method(label: str, cfg: PlantedConfig, base: nn.Module, task: PlantedTask, run_dir: Path,
                progress: bool = False) -> dict:
     """Fine-tune a copy of `base` with one method through the trainer's run_experiment (which
     writes the run folder like any matrix run); returns the method's row of the table."""
     from trainers.experiments import run_experiment
-    from trainers.train import TrainConfig
 
     exp = experiment_for(label, cfg)
-    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
-                            warmup_steps=max(1, cfg.steps // 20), schedule="cosine", clip=1.0,
-                            eval_every=0, seed=cfg.seed, device=cfg.device, progress=progress)
+    train_cfg = train_config(cfg, progress)
     calibration = [task.sample(cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 99 + i))
                    for i in range(cfg.calibration_batches)]
     model = copy.deepcopy(base)
@@ -310,21 +329,26 @@ def run_method(label: str, cfg: PlantedConfig, base: nn.Module, task: PlantedTas
 
 def run_planted(cfg: PlantedConfig, out: Path, methods=None, progress: bool = False) -> dict:
     """Run every method (and the oracle) on the planted problem, one run folder each under
-    `out`, then the summary, planted.json, planted_table.txt and the plots. Returns
+    `out`, then the summary, planted.json, planted_table.txt and the plots; all or nothing
+    (a failure removes what it wrote under `out`). Returns
     {"planted_ranks", "base_mse", "rows": [one per method, scored], "results_dir", "config"}."""
+    from trainers.device import pick_device
+    from trainers.results import adding_to
     known = [m for m, _ in METHODS] + [ORACLE]
     labels = list(methods) if methods is not None else known
     unknown = [m for m in labels if m not in known]
     if unknown:
         raise ValueError(f"planted: unknown methods {unknown}; known: {known}")
-    base, teacher, planted = build_planted(cfg)
-    task = PlantedTask(teacher, cfg)
-    report = {"planted_ranks": planted, "base_mse": task.evaluate(base)["mse"], "rows": [],
-              "results_dir": str(out), "config": dataclasses.asdict(cfg)}
-    for label in labels:
-        report["rows"].append(run_method(label, cfg, base, task, Path(out) / _slug(label), progress))
-    score(report)
-    _write_report(report, Path(out))
+    pick_device(cfg.device)                          # an absent device fails before anything is written
+    with adding_to(out):
+        base, teacher, planted = build_planted(cfg)
+        task = PlantedTask(teacher, cfg)
+        report = {"planted_ranks": planted, "base_mse": task.evaluate(base)["mse"], "rows": [],
+                  "results_dir": str(out), "config": dataclasses.asdict(cfg)}
+        for label in labels:
+            report["rows"].append(run_method(label, cfg, base, task, Path(out) / _slug(label), progress))
+        score(report)
+        _write_report(report, Path(out))
     return report
 
 
@@ -413,11 +437,18 @@ def main(argv=None) -> int:
     overrides = {"seed": args.seed, "device": args.device}
     if args.steps is not None:
         overrides["steps"] = args.steps
-    cfg = PlantedConfig.quick(**overrides) if args.quick else PlantedConfig(**overrides)
+    cfg = PlantedConfig.quick(**overrides) if args.quick else PlantedConfig(**overrides)   # checks the values
+    from trainers.device import pick_device
+    pick_device(cfg.device)
     out = new_results_dir(args.out)
     print(f"planted-rank benchmark: {len(cfg.planted)} blocks x {MODULES}, d={cfg.dim}, {cfg.steps} steps "
           f"per method; writing {out}", flush=True)
-    report = run_planted(cfg, out, progress=args.progress)
+    try:
+        report = run_planted(cfg, out, progress=args.progress)   # all or nothing under `out`
+    except BaseException:
+        with contextlib.suppress(OSError):
+            out.rmdir()                              # empty again: a failed job leaves no folder behind
+        raise
     print(format_table(report))
     print(f"\nresults: {out}")
     return 0

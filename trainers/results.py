@@ -10,21 +10,34 @@
 
 Every file is written to a temporary name in the same folder and moved into place
 with `os.replace`, which is atomic on POSIX and Windows: a reader (or a crash)
-sees the old file or the new one, never half of one.
+sees the old file or the new one, never half of one (lora.files.atomic_write,
+the project's one atomic write: files get the user's umask permissions, and a killed
+writer's temporary is removed by the next write). Names that start with '.' are
+never results: every reader here skips them (temporaries, a replaced run, .DS_Store).
+
+A run folder is all or nothing (`run_folder`): a run that fails leaves the folder as
+it was, with one exception made on purpose: once training has written checkpoint.pt,
+the folder keeps config.json and that checkpoint, so `resume=True` (`--resume`) can
+continue the run. `overwrite=True` replaces a finished run; it refuses to delete an
+unfinished run's checkpoint (resume it, or delete checkpoint.pt yourself).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import numbers
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+
+from lora import files   # the one atomic write (lora may not import trainers)
 
 # The summary's columns, in order. `metric`/`metric_value` is the task's own metric
 # (accuracy, F1, perplexity, ...), so one table holds classification and LM runs alike.
@@ -37,31 +50,25 @@ SUMMARY_COLUMNS = (
 MISSING = "n/a"   # written (never an empty cell) when a run did not record a column
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary beside `path`, then rename it into place (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.atomic_write(path, write)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _jsonable(value):
+def jsonable(value):
     """Floats that JSON can hold (NaN/inf become strings), tensors/paths/dtypes as plain values."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, (str, bool)) or value is None:
         return value
     if isinstance(value, numbers.Integral):           # also numpy integers
@@ -72,11 +79,11 @@ def _jsonable(value):
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
 def atomic_torch_save(path: Path, obj) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_loss_log(path: Path, loss_log: list[dict]) -> None:
@@ -87,34 +94,145 @@ def write_loss_log(path: Path, loss_log: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-# What a run writes into its folder; `overwrite` removes exactly these (and nothing else).
+# What a run writes into its folder; `overwrite` replaces exactly these (and nothing else).
+# (error.txt: what earlier versions wrote into a failed matrix run's folder.)
 RUN_FILES = ("config.json", "metrics.json", "loss_log.csv", "eval_log.json", "rank_history.json",
              "checkpoint.pt", "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
              "error.txt")
+CHECKPOINT = "checkpoint.pt"          # trainers.train.CHECKPOINT_NAME
+REPLACED = ".replaced-"               # prefix of the hidden folder that holds a run being replaced
 
 
-def check_run_dir(path: Path, overwrite: bool = False) -> None:
-    """Fail early (before loading models and data) if `path` already holds a run."""
+def _visible(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if not p.name.startswith(".")]
+
+
+def run_state(path: Path) -> str:
+    """What a run folder holds: "empty" (absent, or only hidden names), "finished" (metrics.json),
+    "resumable" (checkpoint.pt and no metrics.json: a run stopped part-way), or "occupied"."""
     path = Path(path)
+    if not path.is_dir() or not _visible(path):
+        return "empty"
+    if (path / "metrics.json").exists():
+        return "finished"
+    return "resumable" if (path / CHECKPOINT).exists() else "occupied"
+
+
+def checkpoint_progress(path: Path) -> str:
+    """'step S of N' of a run folder's checkpoint (memory-mapped: nothing big is read)."""
+    try:
+        state = torch.load(Path(path) / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
+        return f"step {state['step']} of {state['config']['steps']}"
+    except Exception as err:                  # noqa: BLE001 - only a description for a message
+        return f"unreadable: {type(err).__name__}"
+
+
+def check_writable(path: Path) -> None:
+    """The folder, or the nearest ancestor that exists, is a writable directory."""
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"results folder: {str(path)!r} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"results folder {str(path)!r}: {str(ancestor)!r} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"results folder {str(path)!r}: {str(ancestor)!r} is not writable")
+
+
+def check_run_dir(path: Path, overwrite: bool = False, resume: bool = False) -> None:
+    """Fail early (before loading models and data) unless `path` can take the run: an empty
+    or absent folder; a finished run with `overwrite`; a resumable one with `resume`."""
+    path = Path(path)
+    if overwrite and resume:
+        raise ValueError("overwrite and resume exclude each other: resume continues the run in the folder, "
+                         "overwrite starts a new one")
+    check_writable(path)
+    state = run_state(path)
+    if resume:
+        if state != "resumable":
+            why = {"empty": "it holds no run", "occupied": f"it holds no {CHECKPOINT} (the run stopped before "
+                                                           f"its first checkpoint; use checkpoint_every > 0)",
+                   "finished": "its run finished (metrics.json is there)"}[state]
+            raise FileNotFoundError(f"resume: nothing to resume in {str(path)!r}: {why}")
+        return
+    if state == "resumable":
+        where = f"{str(path)!r} holds an unfinished run with a checkpoint ({checkpoint_progress(path)})"
+        if overwrite:
+            raise FileExistsError(f"results folder {where}; overwrite (--overwrite) does not delete a checkpoint: "
+                                  f"continue the run with --resume (resume=True), or delete "
+                                  f"{str(path / CHECKPOINT)!r} yourself to start again")
+        raise FileExistsError(f"results folder {where}; continue it with --resume (resume=True), or choose "
+                              f"another name")
+    if state != "empty" and not overwrite:
         raise FileExistsError(f"results folder {str(path)!r} already holds a run; choose another name "
                               f"or pass overwrite=True (--overwrite on the command line) to replace it")
 
 
-def prepare_run_dir(path: Path, overwrite: bool = False, keep_checkpoint: bool = False) -> Path:
-    """Create the run folder; an existing non-empty one is an error unless `overwrite`,
-    which deletes the previous run's files (RUN_FILES; checkpoint.pt survives when
-    `keep_checkpoint`, for resuming) so nothing stale is mixed with the new run."""
+@contextlib.contextmanager
+def run_folder(path: Path, *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """`with run_folder(out_dir) as folder:` write the run's files; all or nothing.
+
+    On entry the folder is checked (check_run_dir) and created; with `overwrite` the previous
+    run's files (RUN_FILES) move aside into a hidden `.replaced-*` folder. If the body
+    finishes, the replaced files are deleted. If it raises (or is interrupted), every file and
+    folder it made is removed and the replaced files move back, unless training wrote a
+    checkpoint: then config.json and checkpoint.pt stay for `resume` (and a replaced run stays
+    aside, hidden, until a run in this folder finishes). A resumed run keeps what it has."""
     path = Path(path)
-    check_run_dir(path, overwrite)
-    if path.is_dir() and overwrite:
-        for name in RUN_FILES:
-            if not (keep_checkpoint and name == "checkpoint.pt"):
-                (path / name).unlink(missing_ok=True)
+    check_run_dir(path, overwrite, resume)
+    created = [p for p in (path, *path.parents) if not p.exists()]      # deepest first
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    before = {p.name for p in path.iterdir()}
+    aside = None
+    moved: list[str] = []
+    try:
+        if overwrite:
+            moved = [name for name in RUN_FILES if (path / name).exists()]
+            if moved:
+                aside = Path(tempfile.mkdtemp(prefix=REPLACED, dir=path))
+                for name in moved:
+                    os.replace(path / name, aside / name)
+        yield path
+    except BaseException:
+        if not resume and not (path / CHECKPOINT).exists():
+            _undo(path, before - set(moved), aside, moved, created)
+        raise
+    for old in path.glob(f"{REPLACED}*"):      # this run and any earlier replaced one are over
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def adding_to(folder: Path) -> Iterator[Path]:
+    """`with adding_to(out):` a body that only adds files and folders under `out` (made if
+    needed): if it fails, what it added is removed, so `out` is left as it was."""
+    folder = Path(folder)
+    check_writable(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]      # deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in folder.iterdir()}
+    try:
+        yield folder
+    except BaseException:
+        _undo(folder, before, None, [], created)
+        raise
+
+
+def _undo(path: Path, kept: set[str], aside: Path | None, moved: list[str], created: list[Path]) -> None:
+    """Put `path` back as it was: remove what is not in `kept`, move `moved` back from `aside`,
+    and remove the folders in `created` (deepest first) that are empty again."""
+    for entry in path.iterdir():
+        if entry.name in kept or entry == aside:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    for name in moved:
+        os.replace(aside / name, path / name)
+    if moved:
+        aside.rmdir()
+    for folder in created:
+        with contextlib.suppress(OSError):    # not empty: someone else wrote there meanwhile
+            folder.rmdir()
 
 
 def summary_row(run: str, config: dict, metrics: dict) -> dict:
@@ -141,6 +259,8 @@ def load_runs(results_root: Path) -> list[tuple[str, dict, dict]]:
     runs = []
     for metrics_path in sorted(root.glob("*/metrics.json")):
         folder = metrics_path.parent
+        if folder.name.startswith("."):
+            continue
         config_path = folder / "config.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
         runs.append((folder.name, config, json.loads(metrics_path.read_text())))

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from allocation.controller import restore_layer, snapshot_layer
 from lora.model import adapter_layers, count_parameters
+from trainers.config_checks import check_choice, check_device, check_dtype, check_floats, check_ints
 from trainers.device import Runtime
 from trainers.optim import SCHEDULES, lr_at, make_optimizer
 from trainers.results import atomic_torch_save
@@ -69,6 +70,16 @@ class TrainConfig:
     paged_adamw: bool = False       # AdamW with moments in (pinned) CPU memory, trainers/optim.py
     progress: bool = True           # tqdm bar with loss and tokens/s
     min_lr_ratio: float = 0.1       # cosine/linear decay ends at lr * min_lr_ratio
+
+    def __post_init__(self):
+        """Refuse a bad value when the config is built (trainers/config_checks.py)."""
+        check_ints(self, ("steps", "batch_size", "grad_accum"), minimum=1)
+        check_ints(self, ("warmup_steps", "eval_every", "log_every", "checkpoint_every", "seed"), minimum=0)
+        check_floats(self, ("lr", "weight_decay", "clip"), minimum=0)
+        check_floats(self, ("min_lr_ratio",), minimum=0, maximum=1)
+        check_choice(self, "schedule", SCHEDULES)
+        check_device(self)
+        check_dtype(self)
 
 
 @dataclass
@@ -398,16 +409,6 @@ def _evaluate(model: nn.Module, evaluate: Callable, rt: Runtime, step: int) -> d
                              for k, v in out.items()}}
 
 
-def _check_config(cfg: TrainConfig) -> None:
-    if cfg.steps < 1 or cfg.grad_accum < 1 or cfg.batch_size < 1:
-        raise ValueError(f"TrainConfig: steps, grad_accum and batch_size must be >= 1, got "
-                         f"{cfg.steps}, {cfg.grad_accum}, {cfg.batch_size}")
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"TrainConfig.schedule: expected one of {SCHEDULES}, got {cfg.schedule!r}")
-    if min(cfg.eval_every, cfg.log_every, cfg.checkpoint_every, cfg.warmup_steps) < 0 or cfg.clip < 0:
-        raise ValueError("TrainConfig: eval_every, log_every, checkpoint_every, warmup_steps and clip must be >= 0")
-
-
 def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: TrainConfig, *,
           evaluate: Callable[[nn.Module], dict] | None = None, allocator=None,
           out_dir: Path | None = None, resume: bool = False) -> TrainResult:
@@ -417,7 +418,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     model is called with `labels=` instead and its output's `.loss` is used (_label_keywords).
     `evaluate(model) -> dict` runs under no_grad in eval mode. Raises
     NonFiniteLossError when the loss becomes NaN/inf."""
-    _check_config(cfg)
+    cfg.__post_init__()                 # again: a field may have been changed since the config was built
     label_keywords = _label_keywords(model)
     rt = Runtime.create(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
-from trainers.bench import alloc, inference, layers, load, quant, scaling, train_step
+from trainers.bench import alloc, inference, layers, load, multi_adapter, quant, scaling, train_step
 from trainers.bench.timing import Row, Settings, format_table
 from trainers.device import Runtime
+from trainers.results import atomic_write_text, check_writable
 
 # Section name -> its module (each has SECTION, ROWS and run(settings) -> list[Row]), in run order.
 SECTIONS = {"layers": layers, "quant": quant, "train_step": train_step, "inference": inference,
-            "alloc": alloc, "scaling": scaling, "load": load}
+            "alloc": alloc, "scaling": scaling, "multi_adapter": multi_adapter,
+            "load": load}
 DEFAULT_JSON = Path("bench_results") / "bench.json"
 
 
@@ -33,7 +35,7 @@ def parse_only(text: str | None) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown or not names:
-        raise SystemExit(f"--only: unknown section(s) {unknown or text!r}; choose from {', '.join(SECTIONS)}")
+        raise ValueError(f"--only: unknown section(s) {unknown or text!r}; choose from {', '.join(SECTIONS)}")
     return names
 
 
@@ -62,6 +64,16 @@ def run(names: list[str], settings: Settings, log=print) -> list[Row]:
 
 
 def main(argv=None) -> int:
+    """Every option is checked before the (minutes of) timing starts; a bad one, or a JSON path
+    that cannot be written, is one `error:` line and exit 2."""
+    try:
+        return _main(argv)
+    except (ValueError, OSError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainers.bench", description=__doc__.split("\n\n")[1])
     parser.add_argument("--only", default=None, help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (under ~2 min)")
@@ -71,11 +83,16 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     names = parse_only(args.only)
+    for flag, value in (("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected an integer >= 1, got {value}")
+    path = Path(args.json)
+    if path.is_dir():
+        raise ValueError(f"--json: {str(path)!r} is a folder; give a file name")
+    check_writable(path.parent)                   # fail now, not after the timings
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 5)
-    if repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1, got {repeats}")
     settings = Settings(Runtime.create(args.device, "float32"), quick=args.quick, repeats=repeats,
                         min_time=0.02 if args.quick else 0.05)
     started = time.perf_counter()
@@ -89,9 +106,7 @@ def main(argv=None) -> int:
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(settings.device),
             "threads": torch.get_num_threads(), "quick": args.quick, "repeats": repeats,
             "sections": names, "seconds": round(elapsed, 1), "versions": library_versions()}
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2, default=str))
+    atomic_write_text(path, json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2, default=str))
     print(f"wrote {path}")
     return 0
 
