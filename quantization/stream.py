@@ -136,11 +136,11 @@ def safetensors_tensors(files: list[str | os.PathLike]) -> dict[str, LazyTensor]
 def _malloc_trim() -> Callable[[], None]:
     """glibc's malloc_trim(0), or a no-op where there is none (macOS, musl, Windows).
 
-    Each layer frees its float weight and quantization scratch (several MB) but keeps its packed
-    codes, allocated meanwhile (a few hundred KB): glibc's heap keeps the freed holes resident.
-    On the 349M-parameter benchmark model that left the RSS of the finished load 140 MB (a third)
-    above the 408 MB the model holds; trimming after each layer returns the holes to the system
-    (+421 MB in all, 0.32 of the checkpoint instead of 0.41) for 1.2 s of 41 s (measured)."""
+    Each layer frees its float weight and quantization scratch (several MiB) but keeps its packed
+    codes, allocated meanwhile (a few hundred KiB): glibc's heap keeps the freed holes resident.
+    On the 349M-parameter benchmark model (trainers/bench/load.py) the load's RSS rose by 548 MiB
+    for a model holding 389 MiB (0.41 of the 1330 MiB checkpoint); trimming after each layer gives
+    the holes back to the system: +410 MiB (0.31), for 1.2 s of a 41 s load (measured)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError, TypeError):

@@ -276,3 +276,15 @@ def test_the_benchmark_checkpoint_writer(tmp_path):
     shards = set(json.loads((tmp_path / "c" / "model.safetensors.index.json").read_text())["weight_map"].values())
     assert len(shards) > 3 and size == sum((tmp_path / "c" / s).stat().st_size for s in shards)
     assert_same(load_quantized_model(tmp_path / "c"), quantize_model(load_hf_model(tmp_path / "c")))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (.ci/gpu runs these)")
+def test_streamed_load_onto_the_gpu(tmp_path):
+    """device="cuda": each weight is quantized on the GPU, as quantize_model on a model moved there."""
+    folder = write_folder(tmp_path / "c", "llama", tiny("llama"))
+    got = load_quantized_model(folder, device="cuda")
+    ref = quantize_model(load_hf_model(folder).to("cuda"))
+    a, b = got.state_dict(), ref.state_dict()
+    assert list(a) == list(b) and all(a[k].is_cuda and torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(got(X.cuda())[0], ref(X.cuda())[0])
