@@ -40,8 +40,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from allocation.budget import training_bytes
 from allocation.controller import restore_layer, snapshot_layer
 from lora.model import adapter_layers, count_parameters
+from quantization.model import memory_report
 from trainers.config_checks import check_choice, check_device, check_dtype, check_floats, check_ints
 from trainers.device import Runtime
 from trainers.optim import SCHEDULES, lr_at, make_optimizer
@@ -58,7 +60,8 @@ class TrainConfig:
     lr: float = 1e-3                # peak learning rate
     weight_decay: float = 0.0       # decoupled (AdamW) weight decay
     warmup_steps: int = 10          # linear warm-up steps
-    schedule: str = "cosine"        # "cosine" | "linear" | "constant" after warm-up
+    schedule: str = "cosine"        # "cosine" | "linear" | "constant" after warm-up; "cosine_hf" | "linear_hf":
+                                    # Hugging Face's (warm-up from lr 0, decay to 0; trainers/optim.py)
     clip: float = 1.0               # max global gradient norm; 0 disables clipping
     eval_every: int = 50            # evaluate every N steps (and always at the end); 0: only at the end
     log_every: int = 10             # progress-bar refresh every N steps (loss_log keeps every step)
@@ -69,7 +72,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute activations in backward (model must support it)
     paged_adamw: bool = False       # AdamW with moments in (pinned) CPU memory, trainers/optim.py
     progress: bool = True           # tqdm bar with loss and tokens/s
-    min_lr_ratio: float = 0.1       # cosine/linear decay ends at lr * min_lr_ratio
+    min_lr_ratio: float = 0.1       # cosine/linear decay ends at lr * min_lr_ratio (not used by the _hf ones)
 
     def __post_init__(self):
         """Refuse a bad value when the config is built (trainers/config_checks.py)."""
@@ -140,6 +143,21 @@ def peak_memory(device: torch.device, mps_seen: int = 0) -> tuple[int, str]:
 def trainable_bytes(model: nn.Module) -> int:
     """Bytes of the trainable parameters: what an adapter file (or a full fine-tune) stores."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def training_state_bytes(model: nn.Module) -> dict[str, int]:
+    """What training holds besides activations, counted exactly: every weight as stored (a
+    quantized layer's packed codes and constants, quantization.memory_report), plus a gradient
+    and AdamW's two moments per trainable parameter (allocation.budget.training_bytes)."""
+    weights = memory_report(model).total_bytes
+    grads = optimizer = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            n, size = p.numel(), p.element_size()
+            grads += n * size
+            optimizer += training_bytes(n, size) - 2 * n * size      # the two moments, in the weight's dtype
+    return {"state_bytes": weights + grads + optimizer, "state_weight_bytes": weights,
+            "state_grad_bytes": grads, "state_optimizer_bytes": optimizer}
 
 
 def _low_rank_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -400,6 +418,16 @@ def _loss_of(output) -> torch.Tensor:
     return loss
 
 
+def logits_of(output) -> torch.Tensor:
+    """The logits in a model's output: the first of a (logits, loss) tuple, as trainers.models
+    return, or `.logits` of a transformers ModelOutput (duck-typed, as `_loss_of`)."""
+    logits = output[0] if isinstance(output, tuple) else getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"evaluate: the model returned {type(output).__name__} without logits; expected "
+                        f"(logits, loss) or an object with .logits (e.g. a transformers ModelOutput)")
+    return logits
+
+
 def _evaluate(model: nn.Module, evaluate: Callable, rt: Runtime, step: int) -> dict:
     model.eval()
     with torch.no_grad(), rt.autocast():
@@ -556,7 +584,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     metrics.update({
         "final_loss": last_loss, "trainable_params": trainable, "total_params": total_params,
         "trainable_pct": 100.0 * trainable / max(total_params, 1), "adapter_bytes": trainable_bytes(model),
-        "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
+        "peak_memory_bytes": memory, "peak_memory_kind": memory_kind, **training_state_bytes(model),
         "wall_time_s": time.perf_counter() - wall_start, "train_time_s": train_time,
         "tokens_per_s": tokens / train_time if train_time > 0 else 0.0,
         "examples_per_s": examples / train_time if train_time > 0 else 0.0,
