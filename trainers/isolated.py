@@ -5,8 +5,12 @@
 Why: on the CPU the trainer's peak memory is the process's peak resident set size
 (trainers.train.peak_memory), which only ever grows within a process. Runs made one after
 another in one process would each report the largest peak so far, and a matrix would show
-QLoRA above LoRA because it ran later. A child process (multiprocessing "spawn": a new
-interpreter, nothing inherited but the arguments) starts from the bare interpreter's peak.
+QLoRA above LoRA because it ran later. On Linux train() resets that peak when it starts
+(trainers.train.reset_peak_memory); elsewhere a child process (multiprocessing "spawn": a new
+interpreter, nothing inherited but the arguments) is what gives each run its own, and it
+also leaves nothing of one run's memory (allocator caches, imports) to the next. (Linux
+carries the parent's peak into a child across fork + exec, so there it is the reset that
+counts.)
 
 The function and its arguments are pickled to the child and the result back. An exception
 raised in the child is raised here with the child's traceback attached; one that cannot

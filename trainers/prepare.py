@@ -103,8 +103,12 @@ def prepare(model: nn.Module, exp: ExperimentConfig, calibration: Callable[[], I
             p.requires_grad_(True)
         return model, NullAllocator(None)
 
+    # a task head made for this task (classifier, span head) trains in full, as PEFT's modules_to_save
+    # does (a frozen random head would leave the adapters nothing to fit), so it gets no adapter
+    heads = task_heads(model)
     targets = exp.target_modules or default_targets(model)
-    probe = LoraConfig(r=exp.r, lora_alpha=exp.lora_alpha, target_modules=targets, method=exp.method)
+    probe = LoraConfig(r=exp.r, lora_alpha=exp.lora_alpha, target_modules=targets, method=exp.method,
+                       modules_to_save=heads)
     names = find_targets(model, probe)                 # raises, listing candidates, when nothing matches
     shapes = module_shapes(model, names)
 
@@ -133,10 +137,8 @@ def prepare(model: nn.Module, exp: ExperimentConfig, calibration: Callable[[], I
             bits = {name: exp.quant for name in quant_names}
         quantize_model(model, bits=bits)
 
-    # 3. adapters; a task head made for this task (classifier, span head) trains in full, as PEFT's
-    #    modules_to_save does: a frozen random head would leave the adapters nothing to fit
-    heads = task_heads(model)
-    config = replace(probe, rank_pattern=rank_pattern, lora_dropout=exp.lora_dropout, modules_to_save=heads)
+    # 3. adapters (and the task heads, trained in full)
+    config = replace(probe, rank_pattern=rank_pattern, lora_dropout=exp.lora_dropout)
     if exp.alpha_per_rank is not None:                 # alpha = k r per layer: the same alpha / r everywhere
         config = replace(config, lora_alpha=exp.alpha_per_rank * exp.r,
                          alpha_pattern={re.escape(n): exp.alpha_per_rank * config.rank_for(n) for n in names})

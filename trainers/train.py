@@ -25,6 +25,7 @@ the same epoch (seed any shuffling by the epoch, as `epoch_batches` does).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import random
@@ -127,15 +128,38 @@ def epoch_batches(tensors: dict[str, torch.Tensor], batch_size: int, *, shuffle:
 
 # ----------------------------------------------------------------------------- records
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak where the device allows it: CUDA's allocator statistics; on Linux the
+    process's resident-set high-water mark (5 to /proc/self/clear_refs, Linux >= 4.0), which
+    otherwise only grows within a process, and which a child process even inherits across
+    fork + exec. Elsewhere the CPU peak stays process-wide (trainers/isolated.py runs a run in
+    a fresh process for that)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "cpu" and sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:                 # an old kernel or a locked-down /proc: the peak stays process-wide
+            pass
+
+
 def peak_memory(device: torch.device, mps_seen: int = 0) -> tuple[int, str]:
     """(bytes, what was measured): the CUDA allocator's peak, the largest MPS driver
     allocation seen (MPS keeps no peak: the loop samples it at every log step and passes
-    the maximum as `mps_seen`), or the process's peak resident set size on the CPU
-    (process-wide: it never goes down within one process)."""
+    the maximum as `mps_seen`), or the process's peak resident set size on the CPU (since
+    the last reset_peak_memory on Linux; process-wide elsewhere)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
     if device.type == "mps":
         return max(int(torch.mps.driver_allocated_memory()), mps_seen), "mps_driver_allocated_max_sampled"
+    if sys.platform.startswith("linux"):
+        # VmHWM: this address space's high-water mark (reset by reset_peak_memory). Not ru_maxrss,
+        # which also holds the peak of the parent a spawned child was forked from.
+        with contextlib.suppress(OSError, StopIteration, ValueError):
+            with open("/proc/self/status") as f:
+                line = next(line for line in f if line.startswith("VmHWM:"))
+            return int(line.split()[1]) * 1024, "cpu_peak_rss"          # kB
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
     return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
 
@@ -453,8 +477,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     model.to(rt.device)
     if cfg.grad_checkpointing:
         _enable_grad_checkpointing(model)
-    if rt.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(rt.device)
+    reset_peak_memory(rt.device)       # the run's own peak, not the process's so far
     scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler() else None
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if resume and ckpt_path is None:
