@@ -429,7 +429,7 @@ def test_resume_refuses_trainable_parameters_of_another_shape_before_resizing(tm
 
 
 def test_resume_failing_at_the_last_moment_is_undone(tmp_path, monkeypatch):
-    import trainers.train as train_module
+    import trainers.resume as train_module
     from tests.snapshot import assert_unchanged, snapshot
     _grown_checkpoint(tmp_path)
     model = make_model()

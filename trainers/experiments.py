@@ -27,19 +27,25 @@ from safetensors.torch import save_model
 from lora.adapter_io import save_adapter
 from lora.model import adapter_layers
 from trainers.config_checks import check_ints
-from trainers.configs import ALLOCATIONS, CONFIGS, METHODS, QUANTS, ExperimentConfig, get_config  # noqa: F401
+from trainers.configs import ALLOCATIONS, CONFIGS, METHODS, QUANTS, ExperimentConfig, get_config
 from trainers.data import get_task
 from trainers.device import Runtime, pick_device
 from trainers.evaluate import make_evaluator
 from trainers.inference import inference_speed
 from trainers.isolated import in_fresh_process
-from trainers.loading import (LLAMA2C_MODELS, MODEL_HELP, MODEL_PRESETS, _task_texts, load_model,  # noqa: F401
-                              load_task_for, model_kind)
-from trainers.prepare import (DEFAULT_TARGETS, base_bits, default_targets, linear_layers, model_family,  # noqa: F401
-                              prepare, task_heads, used)
+from trainers.loading import (LLAMA2C_MODELS, MODEL_HELP, MODEL_PRESETS, _task_texts, load_model, load_task_for,
+                              model_kind)
+from trainers.prepare import (DEFAULT_TARGETS, base_bits, default_targets, linear_layers, model_family, prepare,
+                              task_heads, used)
 from trainers.results import (atomic_write, atomic_write_json, check_run_dir, jsonable, run_folder, run_state,
                               summary_row, write_loss_log, write_summary)
 from trainers.train import TrainConfig, train
+
+# What this module offers, with the names of the files it was split into (imported from here before).
+__all__ = ["run_experiment", "run_task", "run_matrix", "RunSettings", "describe", "ExperimentConfig", "CONFIGS",
+           "METHODS", "ALLOCATIONS", "QUANTS", "get_config", "prepare", "used", "base_bits", "model_family",
+           "DEFAULT_TARGETS", "default_targets", "linear_layers", "task_heads", "make_evaluator", "load_model",
+           "load_task_for", "model_kind", "MODEL_PRESETS", "LLAMA2C_MODELS", "MODEL_HELP", "_task_texts"]
 
 
 def run_experiment(exp: ExperimentConfig, model: nn.Module, task, train_cfg: TrainConfig, out_dir: Path,
