@@ -149,9 +149,9 @@ qmodel.zero_grad(set_to_none=True)
 # Each run uses `trainers.train.train` (the library's training loop) and the same batches.
 # After training we evaluate on held-out text and record the memory it took:
 #
-# - `state_bytes` (recorded by `train`, `trainers.train.training_state_bytes`): every stored weight (a quantized layer's packed
-#   codes and constants) plus, per *trainable* parameter, its gradient and AdamW's two moments.
-#   This is what grows with the model; activations come on top and depend on batch and length.
+# - `state_bytes` (recorded by `train`; `trainers.memory.training_state_bytes`): every stored
+#   weight (a quantized layer's packed codes and constants) plus, per *trainable* parameter,
+#   its gradient and AdamW's two moments. This is what grows with the model; activations come on top and depend on batch and length.
 # - adapter bytes: what you would save and ship (`lora_state_dict`); for full fine-tuning,
 #   the whole model.
 # - peak RSS: the process's resident-set high-water mark. On Linux `train` resets it when it
