@@ -9,6 +9,8 @@ Accounting (all plain integers; nothing here looks at a model):
 
     training bytes of n trainable parameters with AdamW
         n * (bytes(weight) + bytes(grad) + 2 * bytes(moment))    (m and v, Kingma & Ba 2015)
+    a total-memory budget as the rank controller's cap on those bytes
+        cap = total - (everything else the step holds)           adapter_cap_from_total
 
     base bytes of a frozen (out, in) weight at a bit width
         32 / 16 bit   out * in * bits / 8
@@ -79,11 +81,29 @@ def dtype_bytes(dtype) -> int:
     return _DTYPE_BYTES[name]
 
 
-def training_bytes(n_params: int, dtype="float32", moment_dtype=None) -> int:
-    """Bytes n trainable parameters occupy under AdamW: weight + grad + the two moments."""
+def adamw_bytes(n_params: int, dtype="float32", moment_dtype=None) -> dict[str, int]:
+    """The parts of `training_bytes`: {"weights", "grads", "moments"} (m and v: 2 per parameter)."""
     w = dtype_bytes(dtype)
     m = dtype_bytes(moment_dtype) if moment_dtype is not None else w
-    return n_params * (2 * w + 2 * m)
+    return {"weights": n_params * w, "grads": n_params * w, "moments": 2 * n_params * m}
+
+
+def training_bytes(n_params: int, dtype="float32", moment_dtype=None) -> int:
+    """Bytes n trainable parameters occupy under AdamW: weight + grad + the two moments."""
+    return sum(adamw_bytes(n_params, dtype, moment_dtype).values())
+
+
+def adapter_cap_from_total(total_bytes: int, other_bytes: int) -> int:
+    """The rank controller's `memory_cap_bytes` (adapter training bytes) under a total budget.
+
+    other_bytes: everything else a training step holds at its peak (base weights, activations,
+    logits, ...; trainers.plan counts it with the same formulas). Counting the adapters'
+    gradients in the cap as well keeps the whole step under `total_bytes`, whether the peak
+    comes while activations are alive (no adapter gradients yet) or after (all of them)."""
+    if total_bytes <= other_bytes:
+        raise ValueError(f"adapter_cap_from_total: total_bytes={total_bytes} leaves nothing for the adapters; "
+                         f"the rest of the step already needs other_bytes={other_bytes}")
+    return int(total_bytes - other_bytes)
 
 
 def base_bits_per_param(bits: int) -> float:

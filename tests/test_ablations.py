@@ -83,7 +83,7 @@ def test_unknown_kind_lists_the_known_ones():
 
 def test_memory_ablation_on_stories260k(stories260k, tmp_path):
     """The default real setting (stories260K on Tiny Shakespeare), tiny: full FT vs LoRA vs QLoRA.
-    In-process (isolate=False): the peak RSS column is then not per run, but state_bytes is."""
+    In-process (isolate=False): the peak is per run only where train() can reset it (Linux); state_bytes always is."""
     settings = A.AblationSettings(steps=3, batch_size=4, limit=16, eval_examples=8, max_length=32,
                                   data_dir=str(stories260k.parent), isolate=False)
     rows = A.run_ablation("memory", settings, out=tmp_path)

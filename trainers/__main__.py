@@ -5,6 +5,7 @@
     python -m trainers matrix --tasks sst2,tiny_shakespeare --configs B-FP,B-Q4,SADRA --model gpt2-tiny
     python -m trainers ablate rank ...                   trainers/ablations.py
     python -m trainers plots --results results/          redraw every figure from the files
+    python -m trainers plan --model llama-7b --method qlora   will it fit? (trainers/plan.py)
 
 The options of `run` and `matrix` are generated from the fields of TrainConfig
 (trainers/train.py), RunSettings (trainers/experiments.py) and ExperimentConfig
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainers", epilog=_epilog(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="nanopeft: parameter-efficient fine-tuning experiments.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,matrix,ablate,plots}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,matrix,ablate,plots,plan}")
     for name, help_text in (("run", "one configuration on one task"),
                             ("matrix", "every task x configuration, plus the summary")):
         p = sub.add_parser(name, help=help_text, epilog=_epilog(),
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="options passed to the ablation (python -m trainers ablate KIND --help)")
     p = sub.add_parser("plots", help="redraw the figures from a results folder")
     p.add_argument("--results", type=Path, default=Path("results"))
+    sub.add_parser("plan", help="will it fit? peak training memory (python -m trainers plan --help)")
     return parser
 
 
@@ -147,6 +149,9 @@ def _main(argv: list[str]) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         from trainers import planted                      # the offline default job, with its own options
         return planted.main(argv)
+    if argv[0] == "plan":                                 # the memory planner parses its own options
+        from trainers import plan
+        return plan.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("run", "matrix"):

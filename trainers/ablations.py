@@ -285,15 +285,16 @@ def _device_type(device: str | None) -> str:
 
 
 def format_rows(kind: str, rows: list[dict]) -> str:
+    """The ablation's own columns as a text table; each column as wide as its widest cell, so no
+    label is cut ("Q,K,V (fused c_attn)"); text left-aligned, numbers right-aligned."""
     columns = COLUMNS[kind]
-    lines = ["  ".join(f"{c:>16}" for c in columns)]
-    for row in rows:
-        cells = []
-        for c in columns:
-            v = row[c]
-            cells.append(f"{v:>16.4g}" if isinstance(v, float) else f"{str(v)[:16]:>16}")
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+    cells = [[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns] for row in rows]
+    numeric = [all(isinstance(row[c], (int, float)) for row in rows) for c in columns]
+    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+    return "\n".join([line(columns)] + [line(values) for values in cells])
 
 
 # --- command line -----------------------------------------------------------------------------

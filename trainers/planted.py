@@ -295,17 +295,22 @@ def new_results_dir(root: Path, prefix: str = "planted") -> Path:
     return path
 
 
+def train_config(cfg: PlantedConfig, progress: bool = False):
+    """The training settings every method of the benchmark gets (AdamW, cosine, short warm-up)."""
+    from trainers.train import TrainConfig
+    return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
+                       warmup_steps=max(1, cfg.steps // 20), schedule="cosine", clip=1.0,
+                       eval_every=0, seed=cfg.seed, device=cfg.device, progress=progress)
+
+
 def run_method(label: str, cfg: PlantedConfig, base: nn.Module, task: PlantedTask, run_dir: Path,
                progress: bool = False) -> dict:
     """Fine-tune a copy of `base` with one method through the trainer's run_experiment (which
     writes the run folder like any matrix run); returns the method's row of the table."""
     from trainers.experiments import run_experiment
-    from trainers.train import TrainConfig
 
     exp = experiment_for(label, cfg)
-    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
-                            warmup_steps=max(1, cfg.steps // 20), schedule="cosine", clip=1.0,
-                            eval_every=0, seed=cfg.seed, device=cfg.device, progress=progress)
+    train_cfg = train_config(cfg, progress)
     calibration = [task.sample(cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 99 + i))
                    for i in range(cfg.calibration_batches)]
     model = copy.deepcopy(base)

@@ -87,7 +87,7 @@ print(f"full fine-tuning, {steps} steps: training loss {result.loss_log[0]['loss
 
 # %%
 gen = torch.Generator().manual_seed(0)
-spectra, random_spectra = {}, {}
+spectra, random_spectra, k90s = {}, {}, {}
 print(f"{'layer':36s} {'shape':>10s} {'|dW|/|W0|':>9s} {'top1':>5s} {'top4':>5s} {'top8':>5s} {'k90':>4s} "
       f"{'random k90':>10s}")
 for name, m in linears:
@@ -99,6 +99,7 @@ for name, m in linears:
     spectra[name], random_spectra[name] = (S, energy), (S_rand, energy_rand)
     k90 = int((energy < 0.9).sum()) + 1
     k90_rand = int((energy_rand < 0.9).sum()) + 1
+    k90s[name] = (k90, k90_rand)
     top = [energy[min(k, len(energy)) - 1].item() for k in (1, 4, 8)]
     print(f"{name:36s} {str(tuple(delta.shape)):>10s} {(delta.norm() / before[name].norm()).item():9.3f} "
           f"{top[0]:5.2f} {top[1]:5.2f} {top[2]:5.2f} {k90:4d} {k90_rand:10d}")
@@ -107,13 +108,15 @@ if not HAVE_DATA:
     print("planted ranks:", planted_ranks)
 
 # %% [markdown]
-# Read the table against the random column. On stories260K the attention updates
-# (q, k, v) are clearly *more* concentrated than noise: their k90 is a third or more
-# below the random matrix's, and the top 8 directions carry 60-85 % of the energy.
-# The MLP updates are much closer to the random curve. And none of them is rank 4: a
-# model of width 64, trained with Adam (whose normalised steps add small moves in
-# every direction), spreads its update over a good part of its few dimensions; the
-# longer run of the full mode spreads it further than the fast one. The LoRA paper's
+# Read the table against the random column. On stories260K every update is at least a
+# little more concentrated than noise (k90 at or below the random matrix's in every layer).
+# The query and key updates clearly are: their k90, averaged over the layers, is under three
+# quarters of the random matrix's (the keys' about half or a little more), and their top 8
+# directions carry 55-90 % of the energy. The MLP updates are much closer to the random
+# curve. How concentrated v is varies with the run: its row in the table (the checks after
+# the next figure hold the other sentences to the numbers). And none of them is
+# rank 4: a model of width 64, trained with Adam (whose normalised steps add small moves in
+# every direction), spreads its update over a good part of its few dimensions. The LoRA paper's
 # very low ranks are measured on layers of width 4,096 to 12,288, where r = 8 is a far
 # smaller fraction of the whole. (On the planted stand-in, compare each layer's k90
 # with the rank that was planted in it, printed above: the update concentrates on the
@@ -148,9 +151,23 @@ ax1.axhline(0.9, color="grey", linewidth=0.8)
 ax1.set_title("energy(k) = Σ_{i≤k} σ_i² / Σ σ_i²", fontsize=9)
 for ax in (ax0, ax1):
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))   # 1, 2, 4, ... not 2^k
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 save_figure(fig, "02_update_spectrum")
+
+if HAVE_DATA:
+    def mean_of(kind, values):
+        picked = [values(n) for n in k90s if n.endswith(kind)]
+        return sum(picked) / len(picked)
+    ratio = {kind: mean_of(kind, lambda n: k90s[n][0] / k90s[n][1]) for kind in kinds}
+    top8 = {kind: mean_of(kind, lambda n: spectra[n][1][7].item()) for kind in kinds}
+    print("mean k90 / random k90 per kind:", {k: round(v, 2) for k, v in ratio.items()})
+    assert all(k90 <= k90_rand for k90, k90_rand in k90s.values())             # never noisier than noise
+    assert ratio["q_proj"] < 0.75 and ratio["k_proj"] < 0.65, ratio           # q, k: clearly concentrated
+    assert all(0.55 < top8[k] < 0.9 for k in ("q_proj", "k_proj")), top8
+    mlp = min(ratio[k] for k in ("gate_proj", "up_proj", "down_proj"))
+    assert mlp > max(ratio["q_proj"], ratio["k_proj"]), ratio                   # MLP: nearer the random curve
 
 # %% [markdown]
 # ## The rank ablation
@@ -182,12 +199,15 @@ for row in low_rank:
     print(f"r = {row['r']:2d}: {row['trainable_params']:7,} trainable ({row['trainable_pct']:.2f} %), "
           f"held-out {'loss' if metric == 'perplexity' else metric} {held_out(row):.4f}")
 print(f"full FT: {full['trainable_params']:7,} trainable (100 %),    held-out {held_out(full):.4f}")
+assert held_out(low_rank[-1]) < held_out(low_rank[0])       # more rank helped (the takeaways below)
 
 fig, ax = plt.subplots(figsize=(6.5, 4))
 ax.plot([row["r"] for row in low_rank], [held_out(row) for row in low_rank], "o-",
         label="LoRA (q_proj, v_proj); labels: trainable parameters")
 ax.axhline(held_out(full), color="k", linestyle="--", label="full fine-tuning")
 ax.set_xscale("log", base=2)
+ax.set_xticks([row["r"] for row in low_rank], [str(row["r"]) for row in low_rank])
+ax.minorticks_off()
 ax.set_xlabel("rank r")
 ax.set_ylabel("held-out loss" if metric == "perplexity" else f"held-out {metric}")
 ax.set_title(f"rank ablation ({what}, {settings.steps} steps)", fontsize=9)
@@ -204,7 +224,8 @@ save_figure(fig, "02_rank_ablation")
 # - The spectrum of a real update tells you how much rank the change *used*; compare
 #   it with a random matrix of the same shape before calling it low rank.
 # - The ablation tells you how much rank the task *needs* for a given budget of steps:
-#   held-out loss usually improves quickly over the first few ranks, then flattens,
+#   held-out loss improves with the rank here (checked above: the largest rank beats r = 1),
+#   usually quickly over the first few ranks, then flattens,
 #   and the gap to full fine-tuning is what the rank restriction costs (on a short
 #   run, full fine-tuning can even be worse: more parameters to move with the same lr).
 # - In fast mode the numbers come from a very short run; the full mode (no

@@ -62,6 +62,8 @@ for r in (1, 2, 4):
         print(f"r = {r}: trainable {sum(p.numel() for p in hira.adapter_parameters())} each;  "
               f"rank ΔW  LoRA = {torch.linalg.matrix_rank(lora.get_delta_weight()).item():2d},  "
               f"HiRA = {torch.linalg.matrix_rank(hira.get_delta_weight()).item():2d}")
+        assert torch.linalg.matrix_rank(lora.get_delta_weight()) == r         # low rank
+        assert torch.linalg.matrix_rank(hira.get_delta_weight()) == d         # full rank at any r
 
 # %% [markdown]
 # With r = 1, W0 ⊙ (b a^T) = diag(b) W0 diag(a): W0 with its rows and columns
@@ -76,6 +78,7 @@ with torch.no_grad():
     delta = hira1.get_delta_weight()
     as_rescaling = hira1.lora_B[:, 0, None] * base.weight * hira1.lora_A[0, None, :]   # diag(b) W0 diag(a)
 print(f"HiRA r=1 ΔW == diag(b) W0 diag(a): max difference {(delta - as_rescaling).abs().max().item():.2e}")
+assert torch.allclose(delta, as_rescaling, atol=1e-6)
 
 # %% [markdown]
 # ## DoRA: magnitude and direction
@@ -88,10 +91,13 @@ dora = DoRALinear(copy.deepcopy(base), rank=4, alpha=8)
 with torch.no_grad():
     print("at init: max |W' - W0| =", (dora.merged_weight() - base.weight).abs().max().item())
     print("m == row norms of W0:", torch.allclose(dora.lora_magnitude, base.weight.norm(dim=1)))
+    assert torch.allclose(dora.merged_weight(), base.weight, atol=1e-6)
+    assert torch.allclose(dora.lora_magnitude, base.weight.norm(dim=1))
     dora.lora_B.normal_(std=0.1)                    # move the direction
     dora.lora_magnitude.mul_(1.5)                   # and the lengths
     W = dora.merged_weight()
     print(f"after a change: max | ||W'_i|| - m_i | = {(W.norm(dim=1) - dora.lora_magnitude).abs().max().item():.2e}")
+    assert torch.allclose(W.norm(dim=1), dora.lora_magnitude, atol=1e-5)     # every row has length m
     cos = nn.functional.cosine_similarity(W, base.weight, dim=1)
     print(f"cosine of each new row with its old direction: min {cos.min().item():.3f}, mean {cos.mean().item():.3f}")
 print("trainable:", {n: tuple(p.shape) for n, p in dora.named_parameters() if p.requires_grad})
@@ -126,7 +132,7 @@ for name, delta in targets.items():
 
 fit_steps, r = fast(800, 120), 4
 classes = {"LoRA": LoRALinear, "HiRA": HiRALinear, "DoRA": DoRALinear}
-fit_curves = {}
+fit_curves, fit_error = {}, {}
 for target_name, delta in targets.items():
     W_star = W0 + delta
     for method, cls in classes.items():
@@ -145,8 +151,17 @@ for target_name, delta in targets.items():
         n_params = sum(p.numel() for p in layer.adapter_parameters())
         with torch.no_grad():
             relative = ((layer.merged_weight() - W_star).norm() / delta.norm()).item()
+        fit_error[(target_name, method)] = relative
         print(f"{target_name:10s} {method}: {n_params} parameters, final loss {curve[-1]:.2e}, "
               f"||W' - W*|| / ||ΔW*|| = {relative:.3f}")
+
+# What the takeaways below say, checked: a good fit leaves < 10 % of ΔW*, a miss > 50 %.
+good, miss = 0.1, 0.5
+assert fit_error[("low rank", "LoRA")] < good and fit_error[("low rank", "DoRA")] < good   # LoRA's home
+assert fit_error[("low rank", "HiRA")] > miss                                             # HiRA misses it
+assert fit_error[("Hadamard", "HiRA")] < good and fit_error[("Hadamard", "LoRA")] > miss   # HiRA's home
+assert fit_error[("magnitude", "HiRA")] < good and fit_error[("magnitude", "DoRA")] < good  # rescaled rows
+assert fit_error[("magnitude", "LoRA")] > miss
 
 # %% [markdown]
 # ## On a real task: stories260K on Tiny Shakespeare
@@ -163,7 +178,7 @@ bench = stories_or_planted(steps, block, lr=3e-3)
 base_model, batches, evaluate, batch_size, lr, target_modules, key, what = (
     bench.model, bench.batches, bench.evaluate, bench.batch_size, bench.lr, bench.targets, bench.key, bench.what)
 
-task_curves = {}
+task_curves, held_out = {}, {}
 print(f"before training: held-out {key} {evaluate(base_model)[key]:.4f}")
 for label, method, run_lr in (("LoRA", "lora", lr), ("HiRA", "hira", lr), ("DoRA", "dora", lr),
                               ("HiRA, lr x 10", "hira", 10 * lr)):
@@ -173,6 +188,7 @@ for label, method, run_lr in (("LoRA", "lora", lr), ("HiRA", "hira", lr), ("DoRA
                                                warmup_steps=max(1, steps // 20), eval_every=0, progress=False),
                    evaluate=evaluate)
     task_curves[label] = [row["loss"] for row in result.loss_log]
+    held_out[label] = result.metrics[key]
     trainable, _ = count_parameters(model)
     print(f"{label:14s} lr {run_lr:.0e}: {trainable:6,} trainable, final training loss {result.final_loss:.4f}, "
           f"held-out {key} {result.metrics[key]:.4f}, {result.metrics['train_time_s']:.1f} s")
@@ -180,9 +196,14 @@ for label, method, run_lr in (("LoRA", "lora", lr), ("HiRA", "hira", lr), ("DoRA
 # %% [markdown]
 # HiRA at the same learning rate as LoRA moves slowly: its update is s W0 ⊙ B A, and
 # the entries of W0 are small (of order 1 / sqrt(in) or less), so the same change of B and A
-# changes the weights far less. That is why the last run gives HiRA a ten times larger
-# learning rate: comparing methods "at equal settings" can mean comparing one tuned
-# method with an untuned one. Tune each method's learning rate before ranking them.
+# changes the weights far less, and it ends behind LoRA. That is why the last run gives HiRA
+# a ten times larger learning rate, which closes the gap: comparing methods "at equal
+# settings" can mean comparing one tuned method with an untuned one. Tune each method's
+# learning rate before ranking them.
+
+# %%
+assert held_out["HiRA"] > held_out["LoRA"], held_out                  # slow at LoRA's learning rate
+assert held_out["HiRA, lr x 10"] < held_out["HiRA"], held_out         # the larger one helps
 
 # %%
 plt = pyplot()
@@ -201,7 +222,7 @@ for i, (method, curve) in enumerate(task_curves.items()):
     smoothed = [sum(curve[max(0, j - smooth + 1):j + 1]) / len(curve[max(0, j - smooth + 1):j + 1])
                 for j in range(len(curve))]
     axes[-1].plot(smoothed, color=f"C{i}", label=method)
-axes[-1].set_title(f"{what}, r = 8 (training loss, running mean)", fontsize=8)
+axes[-1].set_title(f"{what}\nr = 8: training loss (running mean)", fontsize=8)
 axes[-1].set_xlabel("step")
 axes[-1].grid(alpha=0.3)
 axes[-1].legend(fontsize=8)
@@ -217,10 +238,17 @@ save_figure(fig, "05_hira_dora_lora")
 # - DoRA adds one magnitude per output row (+out parameters) and normalises the
 #   direction; it learns a rescaling of rows without spending rank on it, and it
 #   contains LoRA (m set to the new row norms), so it fits the low-rank target too.
-# - On a real task the differences are smaller than on these planted targets, and
-#   depend on the learning rate and length of training: compare them in the experiment
-#   matrix (`python -m trainers matrix`, configs HiRA, DoRA, B-FP) before choosing.
+# - On the real task, LoRA, DoRA and HiRA at its larger learning rate end within a few per cent
+#   of each other's held-out loss (checked below when the stories260K data is here), while on
+#   the planted targets above the winner leaves under 10 % of the update and the loser over
+#   half. The ranking depends on the learning rate and length of training: compare them in the
+#   experiment matrix (`python -m trainers matrix`, configs HiRA, DoRA, B-FP) before choosing.
 # - Cost: HiRA forms the full (out, in) ΔW in every forward; DoRA needs a row norm
 #   of W0 + s B A (computed here from (out, r) and (r, r) products, never forming it).
 #
 # Next: making the frozen base smaller, with 4-bit NormalFloat (tutorial 6).
+
+# %%
+if bench.planted_ranks is None:                                       # the real task
+    tuned = [held_out[label] for label in ("LoRA", "DoRA", "HiRA, lr x 10")]
+    assert max(tuned) < 1.05 * min(tuned), held_out

@@ -86,6 +86,7 @@ entropy = lambda p: float(-(p[p > 0] * p[p > 0].log2()).sum())
 print(f"mean block absmax of 64 N(0,1) samples: {absmax.mean().item():.3f}")
 print(f"entropy of the code usage: NF4 {entropy(usage_nf4):.3f} bits, uniform {entropy(usage_uni):.3f} bits "
       f"(4 bits is the most a 4-bit code can carry)")
+assert entropy(usage_nf4) > entropy(usage_uni) + 0.1        # NF4 uses its codes more evenly
 
 sigma = 1 / absmax.mean().item()
 x = torch.linspace(-1.05, 1.05, 400)
@@ -140,6 +141,8 @@ manual = levels[codes.long()].reshape(-1, 64) * q.absmax[:, None]
 print("dequantize_nf4 equals L[q] * c computed by hand:", torch.allclose(restored.reshape(-1, 64), manual))
 print(f"the largest |w| of each block is reproduced exactly (level ±1): "
       f"{torch.equal(restored.reshape(-1, 64).abs().amax(1), q.absmax)}")
+assert torch.allclose(restored.reshape(-1, 64), manual)
+assert torch.equal(restored.reshape(-1, 64).abs().amax(1), q.absmax)
 
 # %% [markdown]
 # ## The error it makes
@@ -180,12 +183,14 @@ for label, sample in samples.items():
     e_uni = relative_rmse(sample, uniform_4bit(sample, 64))
     print(f"{label:28s} ({sample.numel():>8,} weights): relative RMSE NF4 {e_nf4:.4f}, "
           f"uniform 4-bit {e_uni:.4f}  ({e_uni / e_nf4:.2f}x larger)")
+    assert 1.03 < e_uni / e_nf4 < 1.15, (label, e_nf4, e_uni)    # "about 8 % lower" (text below)
 
 blocksizes = [32, 64, 128, 256, 512, 1024, 4096]
 err_by_block = [relative_rmse(w, dequantize_nf4(quantize_nf4(w, b, double_quant=False))) for b in blocksizes]
 print("\nblock size   relative RMSE   bits/weight (codes + fp32 absmax)")
 for b, e in zip(blocksizes, err_by_block):
     print(f"{b:10d}   {e:13.4f}   {nf4_bits_formula(b, double_quant=False):.3f}")
+assert all(a < b for a, b in zip(err_by_block, err_by_block[1:])), err_by_block   # grows with the block
 
 # %% [markdown]
 # The histogram shows *where* the errors are: NF4's errors are small near zero (where the
@@ -247,6 +252,7 @@ for dq in (False, True):
     print(f"   measured {measured:.5f} bits/weight, formula {predicted:.5f}, "
           f"difference {8 * total - predicted * d * d:.0f} bits (the per-tensor float32 mean: "
           f"{32 if dq else 0} bits)")
+    assert round(8 * total - predicted * d * d) == (32 if dq else 0)
 
 # What does double quantization cost in accuracy? The constants are now slightly off.
 w_real = big.weight.detach()
@@ -255,6 +261,7 @@ e_dq = relative_rmse(w_real, Linear4bit.from_linear(big, double_quant=True).dequ
 print(f"\nrelative RMSE: plain absmax {e_plain:.6f}, double-quantized absmax {e_dq:.6f} "
       f"(a change of {e_dq - e_plain:+.1e}), for {nf4_bits_formula(64, False) - formula_dq:.3f} "
       f"fewer bits per weight")
+assert abs(e_dq - e_plain) < 0.01 * e_plain                 # a tiny extra error
 
 # %% [markdown]
 # ## The dequantization kernel
@@ -301,6 +308,7 @@ def best_time(fn, repeat=fast(7, 3)):
     return min(times)
 
 print("kernel equals the naive version:", torch.equal(dequantize_nf4(q), naive(q)))
+assert torch.equal(dequantize_nf4(q), naive(q))
 t_copy = best_time(lambda: dense.clone())
 t_kernel = best_time(lambda: dequantize_nf4(q))
 t_naive = best_time(lambda: naive(q))

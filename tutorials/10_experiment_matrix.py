@@ -137,8 +137,10 @@ print(f"files of {run_dirs[0].name}:", sorted(p.name for p in run_dirs[0].iterdi
 #   a 4-bit base), gradients and AdamW's moments; it separates the methods where the runtime hides them.
 # - `inference_*`: inference speed (tokens/s of greedy generation here), at batch 1 and batched,
 #   adapters unmerged and merged: a separate number from the training throughput below.
-# - `wall_time_s`, `tokens_per_s`: speed of the training loop; the 4-bit runs pay for dequantizing
-#   weights on the fly (SADRA's Hutchinson calibration runs before the loop and is not included).
+# - `wall_time_s`, `tokens_per_s`: speed of the training loop (SADRA's Hutchinson calibration runs
+#   before the loop and is not included). The 4-bit runs pay for dequantizing weights on the fly,
+#   but on a model this small and a run this short other load on the machine can hide that: compare
+#   B-Q4 with B-FP over a longer run before reading anything into it.
 
 # %%
 with open(results / "experiment_summary.csv", newline="") as f:
@@ -150,6 +152,12 @@ for row in summary:
           f"{int(row['trainable_params']):>10,} {float(row['trainable_pct']):7.2f} "
           f"{int(row['adapter_bytes']):>10,} {float(row['wall_time_s']):7.1f}")
 best = min(summary, key=lambda r: float(r["metric_value"]))
+# What the list above promises, checked: every cell filled; the one-shot and dynamic rank methods
+# at or under uniform r = 8's trainable parameters (B-Ada is the exception the text names).
+assert all(value != "" for row in summary for value in row.values())
+uniform = next(int(r["trainable_params"]) for r in summary if r["config"] == "B-FP")
+assert all(int(r["trainable_params"]) <= uniform for r in summary if r["allocation"] in ("hutchinson", "curvature"))
+assert all(float(r["trainable_pct"]) == 100 for r in summary if r["method"] == "full")
 print(f"\nbest (lowest {best['metric']}): {best['run']}; un-tuned model: {before:.4g}")
 
 # %% [markdown]

@@ -63,6 +63,17 @@ def last_real_token(input_ids: Tensor, attention_mask: Tensor | None, pad_token_
     return (positions * real).argmax(dim=-1)  # (B,)
 
 
+def classify_last_token(h: Tensor, input_ids: Tensor, attention_mask: Tensor | None, pad_token_id: int | None,
+                        score, targets: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A causal model's classifier head: `score` at each row's last real token (see
+    `last_real_token`); cross-entropy against targets (B,) with IGNORE_INDEX ignored.
+    h (B, T, C) -> logits (B, num_labels)."""
+    last = last_real_token(input_ids, attention_mask, pad_token_id)  # (B,)
+    logits = score(h[torch.arange(h.size(0), device=h.device), last])  # (B, num_labels)
+    loss = None if targets is None else F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+    return logits, loss
+
+
 def span_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Extractive-QA loss: mean of the start and end cross-entropies over positions
     (Devlin et al., 2019, BERT, §4.2).

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from trainers.models.common import (IGNORE_INDEX, KVCache, cached_causal_mask, generate, last_real_token,
+from trainers.models.common import (KVCache, cached_causal_mask, classify_last_token, generate,
                                     next_token_loss, span_loss)
 
 
@@ -254,12 +254,7 @@ class LlamaForSequenceClassification(nn.Module):
                 attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """targets (B,) class ids, -100 ignored."""
         h = self.model(input_ids, attention_mask)  # (B, T, C)
-        last = last_real_token(input_ids, attention_mask, self.config.pad_token_id)  # (B,)
-        logits = self.score(h[torch.arange(h.size(0), device=h.device), last])  # (B, num_labels)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return classify_last_token(h, input_ids, attention_mask, self.config.pad_token_id, self.score, targets)
 
 
 class LlamaForQuestionAnswering(nn.Module):
