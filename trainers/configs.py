@@ -212,5 +212,8 @@ def parse_optional_number(kind):
 # Fields whose text form is not a plain number or word, with their parsers and short flags.
 FIELD_PARSERS = {"target_modules": parse_targets, "quant": parse_bits,
                  "rank_pattern": lambda text: parse_mapping(text, "--rank-pattern")}
+FIELD_FORMS = {"target_modules": "q_proj,v_proj | all-linear | a regex | none (the family's default)",
+               "quant": "4 | 8 | mixed | none | c_attn=8,c_fc=4 (unmatched layers stay float)",
+               "rank_pattern": "c_attn=4,h.1.attn.c_attn=16 (with --allocation manual)"}
 FLAG_ALIASES = {"r": "--rank", "lora_alpha": "--alpha", "target_modules": "--targets", "quant": "--bits"}
 NOT_FLAGS = ("name", "description")          # what a configuration is called, not what it does

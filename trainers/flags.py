@@ -17,7 +17,8 @@ import argparse
 import dataclasses
 import typing
 
-from trainers.configs import FIELD_PARSERS, FLAG_ALIASES, NOT_FLAGS, ExperimentConfig, parse_optional_number
+from trainers.configs import (FIELD_FORMS, FIELD_PARSERS, FLAG_ALIASES, NOT_FLAGS, ExperimentConfig,
+                              parse_optional_number)
 
 
 def _flag(name: str) -> str:
@@ -65,8 +66,10 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
         if f.name in NOT_FLAGS:
             continue
         flags = [_flag(f.name)] + ([FLAG_ALIASES[f.name]] if f.name in FLAG_ALIASES else [])
+        form = f"{FIELD_FORMS[f.name]}; " if f.name in FIELD_FORMS else ""
         group.add_argument(*flags, dest=EXPERIMENT_DEST + f.name, default=argparse.SUPPRESS, metavar="VALUE",
-                           help=f"(default: the config's; e.g. {getattr(defaults, f.name)!r})")
+                           help=f"{form}(default: the config's, e.g. {getattr(defaults, f.name)!r}; "
+                                f"trainers/configs.py)")
 
 
 def experiment_overrides(args: argparse.Namespace) -> dict:
