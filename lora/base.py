@@ -290,6 +290,10 @@ class AdapterLayer(nn.Module):
         W = self.frozen_weight()
         return W + self.get_delta_weight().to(W.dtype)
 
+    def merged_bias(self) -> Tensor | None:
+        """The bias an equivalent plain layer would hold: the base's own (IA3 rescales it, lora/ia3.py)."""
+        return getattr(self.base_layer, "bias", None)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Write the update into the base weight; forward then runs the base alone."""

@@ -2,21 +2,10 @@
 
     model = add_lora_to_model(model, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
 
-walks `model.named_modules()`, and for every module whose dotted name matches a
-target replaces it (`setattr` on its parent) by an adapter wrapping it. Names and
-matching follow Hugging Face PEFT, so a `LoraConfig` here means what it means there:
 
-- `target_modules` a str: a regex that must match the WHOLE dotted name
-  (`re.fullmatch`), e.g. r".*\\.(q|v)_proj";
-  a list: an entry matches a name equal to it or ending in "." + entry
-  ("q_proj" matches "model.layers.0.self_attn.q_proj", not "my_q_proj");
-  "all-linear": every Linear-like layer except `lm_head` and `modules_to_save`.
-- `modules_to_save` entries: PEFT's rule, which is looser than target_modules': a
-  module is selected when its name ends with the entry ("classifier" selects
-  "pre_classifier" too), and only top-most selected modules count.
-- `rank_pattern` / `alpha_pattern` keys: a regex matching the end of the name at
-  a dot boundary (`re.match(rf"(.*\\.)?({key})$", name)`); the first key (in dict
-  order) that matches wins, else `r` / `lora_alpha`.
+walks `model.named_modules()`, and for every module whose dotted name matches a
+target (the matching rules: lora/config.py) replaces it (`setattr` on its parent)
+by an adapter wrapping it. Merging adapters into plain layers: lora/merge.py.
 
 Linear-like = `nn.Linear`, a transformers `Conv1D` (Hugging Face GPT-2's `c_attn`,
 `c_proj`, `c_fc`, weight stored (in, out); every adapter reads it through
@@ -28,17 +17,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
-from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from lora.base import (AdapterLayer, base_weight, check_alpha, check_dropout, check_finite, check_flag, check_rank,
-                       is_linear_like, weight_layout)
+from lora.base import AdapterLayer, is_linear_like
+from lora.config import (BIASES, DEFAULT_ADAPTER, METHODS, OUTPUT_LAYER_NAMES, IA3Config, LoraConfig,  # noqa: F401
+                         _compile, adapter_set, make_config, name_matches, pattern_value, remember_config,
+                         saved_name_matches)
+from lora.multi import MultiAdapterLinear
 from lora.dora import DoRALinear
 from lora.hira import HiRALinear
+from lora.ia3 import IA3Linear
 from lora.layers import LoRALinear
 from lora.sparse import SparseLoRALinear
 from lora.svd import SVDLoRALinear
@@ -51,148 +42,57 @@ ADAPTER_CLASSES: dict[str, type] = {
     "dora": DoRALinear,
     "adalora": SVDLoRALinear,
 }
-METHODS = tuple(ADAPTER_CLASSES)
-INITS = ("kaiming", "gaussian", "pissa")
-BIASES = ("none", "all", "lora_only")
-# Short names accepted by add_lora_to_model(**overrides) besides the field names.
-ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
-# Layers "all-linear" never adapts: the output projection to the vocabulary (as PEFT).
-OUTPUT_LAYER_NAMES = ("lm_head",)
-
-TargetModules = Union[str, Sequence[str]]
-
-
-@dataclass
-class LoraConfig:
-    r: int = 8                              # default rank of every adapter
-    lora_alpha: float = 16                  # scaling = lora_alpha / r (or / sqrt(r) with use_rslora)
-    lora_dropout: float = 0.0               # dropout on the adapter's input (before A)
-    target_modules: TargetModules = "all-linear"  # list (exact / dotted suffix), regex str, or "all-linear"
-    method: str = "lora"                    # one of METHODS
-    rank_pattern: dict = field(default_factory=dict)   # {name regex: rank} per-layer ranks
-    alpha_pattern: dict = field(default_factory=dict)  # {name regex: alpha} per-layer alphas
-    use_rslora: bool = False                # rsLoRA scaling alpha / sqrt(r) (Kalajdzievski 2023)
-    init: str = "kaiming"                   # A's init: "kaiming", "gaussian" or "pissa" (lora, sparse)
-    bias: str = "none"                      # which biases train: "none", "all", "lora_only"
-    modules_to_save: Sequence[str] = ()     # extra modules trained in full and saved (e.g. "classifier"); an
-                                            # entry selects every module whose name ENDS with it (PEFT's rule,
-                                            # so "classifier" also selects DistilBERT's "pre_classifier")
-
-    def __post_init__(self):
-        check_rank(self.r, "LoraConfig.r")
-        check_alpha(self.lora_alpha, "LoraConfig.lora_alpha")
-        check_dropout(self.lora_dropout, "LoraConfig.lora_dropout")
-        check_flag(self.use_rslora, "LoraConfig.use_rslora")
-        if self.method not in METHODS:
-            raise ValueError(f"LoraConfig.method: unknown method {self.method!r}; known methods: "
-                             f"{', '.join(METHODS)}")
-        if self.init not in INITS:
-            raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
-        if self.init != "kaiming" and self.method not in ("lora", "sparse"):
-            raise ValueError(f"LoraConfig.init={self.init!r} is only for methods 'lora' and 'sparse', "
-                             f"got method {self.method!r}")
-        if self.use_rslora and self.method == "adalora":
-            raise ValueError("LoraConfig.use_rslora is not available for method 'adalora' "
-                             "(its scaling is alpha / r)")
-        if self.bias not in BIASES:
-            raise ValueError(f"LoraConfig.bias must be one of {BIASES}, got {self.bias!r}")
-        if isinstance(self.target_modules, str):
-            _compile(self.target_modules, "LoraConfig.target_modules")
-        else:
-            self.target_modules = tuple(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
-                raise ValueError(f"LoraConfig.target_modules must be a regex string or a non-empty list "
-                                 f"of names, got {self.target_modules!r}")
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = (self.modules_to_save,)
-        self.modules_to_save = tuple(self.modules_to_save or ())
-        for key, value in self.rank_pattern.items():
-            _compile(key, "LoraConfig.rank_pattern key")
-            check_rank(value, f"LoraConfig.rank_pattern[{key!r}]")
-        for key, value in self.alpha_pattern.items():
-            _compile(key, "LoraConfig.alpha_pattern key")
-            check_alpha(value, f"LoraConfig.alpha_pattern[{key!r}]")
-
-    def rank_for(self, name: str) -> int:
-        return pattern_value(self.rank_pattern, name, self.r)
-
-    def alpha_for(self, name: str) -> float:
-        return pattern_value(self.alpha_pattern, name, self.lora_alpha)
-
-
-def _compile(pattern: str, what: str) -> re.Pattern:
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{what}: {pattern!r} is not a valid regex ({err})") from None
-
-
-def pattern_value(pattern: dict, name: str, default):
-    """PEFT's rule: the first key that matches the end of `name` at a dot boundary."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def name_matches(name: str, entry: str) -> bool:
-    """A list entry: the exact name, or a dotted suffix of it."""
-    return name == entry or name.endswith("." + entry)
-
-
-def saved_name_matches(name: str, entry: str) -> bool:
-    """A `modules_to_save` entry, as PEFT matches it (`key.endswith(entry)` in peft.utils.other._set_trainable):
-    any name that ends with the entry, at a dot boundary or not."""
-    return name.endswith(entry)
-
-
-def make_config(config=None, **overrides) -> LoraConfig:
-    """`config` (or the defaults) with `overrides` applied; accepts rank/alpha/dropout as aliases.
-
-    `config` may also be a PEFT `LoraConfig` (anything with `to_dict()` giving PEFT's fields):
-    it is converted field by field, and a field set to something this library does not
-    implement is refused by name (lora.adapter_io.config_from_peft)."""
-    if config is None:
-        config = LoraConfig()
-    elif not isinstance(config, LoraConfig):
-        if not callable(getattr(config, "to_dict", None)):
-            cls = type(config)
-            raise TypeError(f"add_lora_to_model: config must be a lora.LoraConfig or a PEFT LoraConfig "
-                            f"(an object with to_dict()), got {cls.__module__}.{cls.__qualname__}")
-        from lora.adapter_io import config_from_peft   # adapter_io imports this module: import on use
-        config = config_from_peft(config)
-    fields = {f.name for f in dataclasses.fields(LoraConfig)}
-    changes = {}
-    for key, value in overrides.items():
-        key = ALIASES.get(key, key)
-        if key not in fields:
-            raise TypeError(f"add_lora_to_model: unknown option {key!r}; options are "
-                            f"{sorted(fields)} (and aliases {sorted(ALIASES)})")
-        changes[key] = value
-    return dataclasses.replace(config, **changes)
+assert tuple(ADAPTER_CLASSES) == METHODS, "lora.config.METHODS must list ADAPTER_CLASSES' keys"
 
 
 # --- finding modules -------------------------------------------------------------------------
-def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    """Every adapter in the model, (dotted name, layer), in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
+# What holds adapters: a single adapter layer, or the container of named ones (lora/multi.py).
+CONTAINERS = (AdapterLayer, MultiAdapterLinear)
+
+
+def adapter_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str, AdapterLayer]]:
+    """Every adapter layer of the ACTIVE adapter (or of the one named `adapter`), (dotted name of
+    the adapted module, layer), in module order. With one adapter these are the model's adapter
+    layers; with several, the entries of each MultiAdapterLinear under that name, listed under the
+    container's name (so file keys and allocators see the same names as with one adapter)."""
+    single = adapter is None or adapter in adapter_names(model)[:1]
+    result = []
+    for name, module in modules_outside_adapters(model):
+        if isinstance(module, MultiAdapterLinear):
+            key = adapter or module.active
+            if key in module.adapters:
+                result.append((name, module.adapters[key]))
+        elif isinstance(module, AdapterLayer) and single:
+            result.append((name, module))
+    return result
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the model's adapters, in the order they were added ([] without adapters);
+    an adapter added without a name is "default"."""
+    record = adapter_set(model)
+    if record is not None:
+        return list(record.configs)
+    has = any(isinstance(m, CONTAINERS) for m in model.modules())
+    return [DEFAULT_ADAPTER] if has else []
 
 
 def modules_outside_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """named_modules() without anything inside an adapter (its base_layer, dropout, ...)."""
+    """named_modules() without anything inside an adapter (its base_layer, dropout, ...) or inside
+    a MultiAdapterLinear."""
     inside: list[str] = []
     result = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + "." if prefix else "") for prefix in inside):
             continue
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, CONTAINERS):
             inside.append(name)
         result.append((name, module))
     return result
 
 
 def _candidates_message(modules: list[tuple[str, nn.Module]]) -> str:
-    names = [n for n, m in modules if n and (is_linear_like(m) or isinstance(m, AdapterLayer))]
+    names = [n for n, m in modules if n and (is_linear_like(m) or isinstance(m, CONTAINERS))]
     if not names:
         return "the model has no Linear-like modules"
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -200,9 +100,13 @@ def _candidates_message(modules: list[tuple[str, nn.Module]]) -> str:
     return f"Linear-like module names: {short}; full names: {shown}"
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Dotted names of the modules `config.target_modules` selects; errors as described above."""
+def find_targets(model: nn.Module, config: LoraConfig, adapted_ok: bool = False) -> list[str]:
+    """Dotted names of the modules `config.target_modules` selects (rules: lora/config.py).
+    A module that already holds adapters is refused, unless `adapted_ok` (adding a named adapter:
+    lora.named), where it stands for its base layer."""
     modules = modules_outside_adapters(model)
+    if adapted_ok:
+        modules = [(n, m.base_layer if isinstance(m, CONTAINERS) else m) for n, m in modules]
     saved = config.modules_to_save
 
     def excluded(name: str) -> bool:
@@ -234,7 +138,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     by_name = dict(modules)
     for name in chosen:
         module = by_name[name]
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, CONTAINERS):
             raise ValueError(f"add_lora_to_model: {name!r} already has an adapter "
                              f"({type(module).__name__}); use load_adapter or a fresh model")
         if not is_linear_like(module):
@@ -276,13 +180,16 @@ def adapter_class(method: str) -> type:
 
 def method_of(layer: AdapterLayer) -> str | None:
     """The method an adapter implements: that of the nearest class in its MRO that ADAPTER_CLASSES
-    names (a subclass such as quantization's QLoRALinear is a "lora" adapter), or None."""
+    names (a subclass such as quantization's QLoRALinear is a "lora" adapter), "ia3", or None."""
     methods = {cls: method for method, cls in ADAPTER_CLASSES.items()}
+    methods[IA3Linear] = "ia3"
     return next((methods[cls] for cls in type(layer).__mro__ if cls in methods), None)
 
 
 def make_adapter(base: nn.Module, config: LoraConfig, name: str = "") -> AdapterLayer:
     """One adapter of `config.method` around `base`, with the rank/alpha `name` gets from the patterns."""
+    if isinstance(config, IA3Config):
+        return IA3Linear(base, feedforward=config.is_feedforward(name))
     cls = adapter_class(config.method)
     kwargs = dict(rank=config.rank_for(name), alpha=config.alpha_for(name), dropout=config.lora_dropout)
     if config.use_rslora:  # passed only when asked for, so a class without rsLoRA says so (TypeError)
@@ -292,7 +199,7 @@ def make_adapter(base: nn.Module, config: LoraConfig, name: str = "") -> Adapter
     return cls(base, **kwargs)
 
 
-def build_adapters(model: nn.Module, config: LoraConfig, copy_bases: bool = False
+def build_adapters(model: nn.Module, config: LoraConfig, copy_bases: bool = False, shared: bool = False
                    ) -> list[tuple[str, AdapterLayer]]:
     """The adapters `config` puts on `model`, built but NOT installed (see `install_adapters`).
 
@@ -301,15 +208,18 @@ def build_adapters(model: nn.Module, config: LoraConfig, copy_bases: bool = Fals
     adapter would rewrite its base (init="pissa", or `copy_bases`): it then wraps a copy,
     and the model's layer is only dropped when the adapter is installed. (So PiSSA briefly
     holds W0 and its residual side by side; a weight tied to another module keeps W0 there.)
-    An adapter's error names the target it was built for.
+    An adapter's error names the target it was built for. `shared`: a target that already holds
+    adapters gets one more around the same base (lora.named.add_adapter), not a copy.
     """
-    adapter_class(config.method)  # unknown method: fail before touching anything
-    copy_bases = copy_bases or config.init == "pissa"
+    if not isinstance(config, IA3Config):
+        adapter_class(config.method)  # unknown method: fail before touching anything
+    copy_bases = copy_bases or getattr(config, "init", None) == "pissa"
     flags = [(p, p.requires_grad) for p in model.parameters()]
     built = []
     try:
-        for name in find_targets(model, config):
+        for name in find_targets(model, config, adapted_ok=shared):
             base = model.get_submodule(name)
+            base = base.base_layer if isinstance(base, CONTAINERS) else base
             try:
                 built.append((name, make_adapter(copy.deepcopy(base) if copy_bases else base, config, name)))
             except (ValueError, TypeError) as err:
@@ -358,8 +268,26 @@ def add_lora_to_model(model: nn.Module, config: LoraConfig | None = None, **over
     the side before the first one is put in place, so a failure leaves `model` as it was.
     A model that already holds adapters is refused, whatever the targets.
     """
-    config = make_config(config, **overrides)
-    existing = [name for name, _ in adapter_layers(model)]
+    return _add_adapters(model, make_config(config, **overrides))
+
+
+def add_ia3_to_model(model: nn.Module, config: IA3Config | None = None, **overrides) -> nn.Module:
+    """Wrap every target layer of `model` in an IA3Linear (lora/ia3.py), input-side for the targets
+    `feedforward_modules` names, output-side for the others; only the vectors (and `modules_to_save`)
+    train. `overrides` are IA3Config fields. Remembered, all-or-nothing and refused on a model
+    that holds adapters, as add_lora_to_model."""
+    config = dataclasses.replace(config or IA3Config(), **overrides)
+    if isinstance(config.feedforward_modules, tuple):
+        targets = find_targets(model, config)
+        for entry in config.feedforward_modules:
+            if not any(name_matches(t, entry) for t in targets):
+                raise ValueError(f"add_ia3_to_model: feedforward_modules entry {entry!r} is not one of the "
+                                 f"targets {targets} (PEFT: feedforward_modules must be a subset of target_modules)")
+    return _add_adapters(model, config)
+
+
+def _add_adapters(model: nn.Module, config: LoraConfig | IA3Config) -> nn.Module:
+    existing = [name for name, m in modules_outside_adapters(model) if isinstance(m, CONTAINERS)]
     if existing:
         shown = existing if len(existing) <= 6 else existing[:6] + [f"... ({len(existing) - 6} more)"]
         raise ValueError(f"add_lora_to_model: {type(model).__name__} already has adapters ({len(existing)} "
@@ -367,7 +295,8 @@ def add_lora_to_model(model: nn.Module, config: LoraConfig | None = None, **over
                          f"to add other adapters start from a fresh model (or lora.merge_lora_weights(model) first)")
     targets = find_targets(model, config)
     find_modules_to_save(model, config.modules_to_save, targets=targets)  # check names before any change
-    check_patterns(config, targets)
+    if isinstance(config, LoraConfig):
+        check_patterns(config, targets)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     adapters = build_adapters(model, config)             # changes nothing in model if it fails
     try:
@@ -402,7 +331,7 @@ def find_modules_to_save(model: nn.Module, names: Sequence[str], *, strict: bool
     sequence-classification configs list both "classifier" and "score"; a model has one).
     A selected module must not hold an adapter (already in `model`, or one of `targets`):
     it would be trained in full, base weights included, and saved twice."""
-    modules = [(n, m) for n, m in modules_outside_adapters(model) if n and not isinstance(m, AdapterLayer)]
+    modules = [(n, m) for n, m in modules_outside_adapters(model) if n and not isinstance(m, CONTAINERS)]
     chosen: set[str] = set()
     for entry in names:
         hits = {n for n, _ in modules if saved_name_matches(n, entry)}
@@ -419,22 +348,6 @@ def find_modules_to_save(model: nn.Module, names: Sequence[str], *, strict: bool
             raise ValueError(f"modules_to_save: {name!r} holds the adapter (or target) {inner[0]!r}; a module "
                              f"trained and saved in full cannot also hold adapters")
     return found
-
-
-# --- the config a model's adapters were made with ---------------------------------------------
-CONFIG_ATTR = "nanopeft_config"
-
-
-def remember_config(model: nn.Module, config: LoraConfig) -> None:
-    """Keep `config` on the root module (add_lora_to_model and load_adapter do this), as a plain
-    attribute: deepcopy and pickling carry it, state_dict does not (the adapter file holds it)."""
-    setattr(model, CONFIG_ATTR, config)
-
-
-def remembered_config(model: nn.Module) -> LoraConfig | None:
-    """The config `model`'s adapters were added or loaded with, or None."""
-    config = model.__dict__.get(CONFIG_ATTR)
-    return config if isinstance(config, LoraConfig) else None
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
@@ -503,88 +416,3 @@ def lora_state_dict(model: nn.Module, modules_to_save: Sequence[str] = ()) -> di
         for key, p in module.named_parameters():
             state[f"{name}.{key}"] = p.detach()
     return state
-
-
-# --- merging ---------------------------------------------------------------------------------
-@torch.no_grad()
-def merged_linear(layer: AdapterLayer, name: str = "") -> nn.Module:
-    """A plain layer computing what `layer` computes: W0 (dequantized) + delta W, summed in
-    float32 and stored in the dtype of the weight the base stands for: an nn.Linear's own, a
-    quantized layer's `weight_dtype` (its weight before quantization) or else float32, so
-    the model's activations meet the dtype they met before quantizing.
-
-    An nn.Linear, except for a Conv1D base: then a copy of that Conv1D holding the merged
-    weight in its own (in, out) layout, so the model's state dict keeps its checkpoint's
-    shapes (a merged Hugging Face GPT-2 still saves and loads as one)."""
-    base = layer.base_layer
-    W = base_weight(base).float()                                     # (out, in)
-    if not layer.merged:
-        W = W + layer.get_delta_weight().float()
-    check_finite(W, f"merge_lora_weights: the merged weight W0 + delta W of {name or type(layer).__name__}")
-    if weight_layout(base) == "in_out":
-        merged = copy.deepcopy(base)
-        base_weight(merged).copy_(W)                                  # through the (out, in) view
-        return merged.requires_grad_(False)
-    if isinstance(base, nn.Linear):
-        dtype = base.weight.dtype
-    else:
-        dtype = getattr(base, "weight_dtype", None) or torch.float32
-    bias = getattr(base, "bias", None)
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
-                       device=W.device, dtype=dtype)
-    linear.weight.copy_(W)
-    if bias is not None:
-        linear.bias.copy_(bias)
-    linear.requires_grad_(False)
-    return linear
-
-
-def merge_lora_weights(model: nn.Module) -> nn.Module:
-    """Replace every adapter by a plain nn.Linear holding W0 + delta W (works for quantized
-    bases: W0 is dequantized; a Conv1D base stays a Conv1D, see `merged_linear`). The result
-    holds no adapter; it is returned (the same object unless `model` itself is an adapter).
-    All-or-nothing: every merged layer is built (and checked finite) before the first is put in place."""
-    layers = adapter_layers(model)
-    if layers and not layers[0][0]:
-        return merged_linear(layers[0][1])
-    swap_modules(model, [(name, merged_linear(layer, name)) for name, layer in layers])
-    model.__dict__.pop(CONFIG_ATTR, None)          # no adapters left to describe
-    return model
-
-
-def merge_adapters(model: nn.Module) -> nn.Module:
-    """Call `merge()` on every adapter (in place into float bases, nn.Linear or Conv1D; quantized bases refuse).
-    All-or-nothing: if one adapter cannot merge, those merged by this call are unmerged (exact)."""
-    layers = [(name, layer) for name, layer in adapter_layers(model) if not layer.merged]
-    for name, layer in layers:   # refuse a quantized base before merging anything
-        try:
-            layer._check_mergeable()
-        except RuntimeError as err:
-            raise RuntimeError(f"merge_adapters: {name}: {err}") from None
-    try:
-        for name, layer in layers:
-            try:
-                layer.merge()
-            except ValueError as err:  # a non-finite merged weight
-                raise ValueError(f"merge_adapters: {name}: {err}") from None
-    except BaseException:
-        for _, layer in layers:
-            if layer.merged:
-                layer.unmerge()
-        raise
-    return model
-
-
-def unmerge_lora_weights(model: nn.Module) -> nn.Module:
-    """Undo `merge_adapters`: call `unmerge()` on every in-place merged adapter.
-    All-or-nothing: if one fails, those unmerged by this call are merged again."""
-    layers = [layer for _, layer in adapter_layers(model) if layer.merged]
-    try:
-        for layer in layers:
-            layer.unmerge()
-    except BaseException:
-        for layer in layers:
-            if not layer.merged:
-                layer.merge()
-        raise
-    return model

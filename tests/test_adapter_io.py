@@ -274,8 +274,8 @@ def test_corrupt_config_fails_clearly(tmp_path):
                                                     "target_modules": ["q_proj"]}))
     with pytest.raises(ValueError, match="rank"):
         load_adapter(fresh(), tmp_path)
-    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "IA3", "target_modules": ["q_proj"]}))
-    with pytest.raises(ValueError, match="peft_type 'IA3'"):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LOHA", "target_modules": ["q_proj"]}))
+    with pytest.raises(ValueError, match="peft_type 'LOHA'"):
         load_adapter(fresh(), tmp_path)
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
         load_adapter(fresh(), tmp_path / "nowhere")

@@ -54,7 +54,7 @@ def calibration(task, batch_size=8):
 
 def test_every_named_config_is_there_and_described():
     assert list(CONFIGS) == ["B-FP", "B-Q4", "B-Ada", "Joint-1", "Joint-2", "Joint-3", "SADRA", "DRaFT-Q",
-                             "Sparse-LoRA", "HiRA", "DoRA", "Full-FT"]
+                             "Sparse-LoRA", "HiRA", "DoRA", "IA3", "Full-FT"]
     assert all(c.description for c in CONFIGS.values())
     c = CONFIGS
     assert (c["B-FP"].method, c["B-FP"].r, c["B-FP"].quant, c["B-FP"].allocation) == ("lora", 8, None, "uniform")
@@ -103,6 +103,15 @@ def test_prepare_classification_trains_the_head_too():
     model, _ = prepare(tiny_cls(), CONFIGS["B-FP"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("score") for n in trainable)
+
+
+def test_prepare_ia3_rescales_keys_values_and_the_mlp_input():
+    model, alloc = prepare(tiny_lm(), CONFIGS["IA3"])
+    kinds = {n: m.feedforward for n, m in adapter_layers(model)}
+    assert kinds == {**{f"transformer.h.{i}.attn.c_attn": False for i in range(3)},
+                     **{f"transformer.h.{i}.mlp.c_proj": True for i in range(3)}}
+    assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"ia3_l"}
+    assert isinstance(alloc, NullAllocator)
 
 
 def test_prepare_full_fine_tuning_trains_everything():

@@ -11,7 +11,7 @@ every field as used.
 
 Methods and where they come from:
   LoRA (Hu et al. 2021), QLoRA = NF4 + double quantization under LoRA (Dettmers et al. 2023),
-  AdaLoRA (Zhang et al. 2023), DoRA (Liu et al. 2024), HiRA (Huang et al. 2025),
+  AdaLoRA (Zhang et al. 2023), DoRA (Liu et al. 2024), HiRA (Huang et al. 2025), IA3 (Liu et al. 2022),
   Sparse LoRA (L1 + magnitude pruning of the factors), SADRA (this project: one-shot
   Hutchinson Hessian-trace ranks, Hutchinson 1989 / Yao et al. 2020 "PyHessian"), DRaFT-Q
   (this project: EMA-curvature dynamic ranks under a memory cap on a 4-bit base).
@@ -31,7 +31,7 @@ import json
 import numbers
 from dataclasses import dataclass
 
-METHODS = ("lora", "sparse", "hira", "dora", "adalora", "full")
+METHODS = ("lora", "sparse", "hira", "dora", "adalora", "ia3", "full")
 ALLOCATIONS = ("uniform", "adalora", "hutchinson", "curvature", "manual")
 QUANTS = (None, 4, 8, "mixed")            # or a {layer pattern: 4 | 8} dict
 ALL_LINEAR = "all-linear"
@@ -41,7 +41,7 @@ REGEX_MARKS = set("*+?()[]|\\^$")
 @dataclass
 class ExperimentConfig:
     name: str                              # the configuration's name, e.g. "B-Q4"
-    method: str = "lora"                   # "lora" | "sparse" | "hira" | "dora" | "adalora" | "full"
+    method: str = "lora"                   # "lora" | "sparse" | "hira" | "dora" | "adalora" | "ia3" | "full"
     r: int = 8                             # rank (the start rank of adaptive allocations; AdaLoRA's init_r)
     lora_alpha: float = 16                 # scaling = lora_alpha / r
     target_modules: tuple | str | None = None  # names, "all-linear" or a regex; None: the family's attention
@@ -86,6 +86,8 @@ class ExperimentConfig:
         if self.method == "full" and (self.quant is not None or self.allocation != "uniform"):
             raise ValueError(f"{self.name}: full fine-tuning trains every weight, so it takes no quantized base "
                              f"and no rank allocation")
+        if self.method == "ia3" and (self.quant is not None or self.allocation != "uniform"):
+            raise ValueError(f"{self.name}: IA3 has no rank to allocate and is run on the float base here")
         if (self.method == "adalora") != (self.allocation == "adalora"):
             raise ValueError(f"{self.name}: method 'adalora' and allocation 'adalora' go together")
         check_ints(self, ("r",), minimum=1)
@@ -139,6 +141,7 @@ CONFIGS: dict[str, ExperimentConfig] = {c.name: c for c in [
     _C("Sparse-LoRA", method="sparse", description="LoRA r=8 with L1 and magnitude pruning of A and B"),
     _C("HiRA", method="hira", description="HiRA: high-rank update W0 * (B A), r=8"),
     _C("DoRA", method="dora", description="DoRA: magnitude and direction, LoRA r=8 on the direction"),
+    _C("IA3", method="ia3", description="IA3: learned vectors rescaling keys, values and the feed-forward input"),
     _C("Full-FT", method="full", description="full fine-tuning: every weight trains (reference)"),
 ]}
 del _C

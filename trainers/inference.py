@@ -25,7 +25,8 @@ import time
 import torch
 import torch.nn as nn
 
-from lora.model import adapter_layers, merge_lora_weights
+from lora.merge import merge_lora_weights
+from lora.model import adapter_layers
 from trainers.device import Runtime
 from trainers.prepare import base_bits
 

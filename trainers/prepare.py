@@ -30,7 +30,8 @@ from allocation.controller import ControllerConfig, CurvatureRankAllocator
 from allocation.hutchinson import hessian_traces, module_shapes, sensitivity_ranks
 from allocation.precision import choose_precision, total_base_bytes
 from allocation.sparsity import SparsityAllocator
-from lora.model import LoraConfig, adapter_layers, add_lora_to_model, find_targets
+from lora.config import IA3Config
+from lora.model import LoraConfig, adapter_layers, add_ia3_to_model, add_lora_to_model, find_targets
 from quantization.layers import Linear4bit, Linear8bit
 from quantization.model import HEAD_NAMES, quantize_model   # HEAD_NAMES: the task heads, never quantized or adapted
 from trainers import models
@@ -50,6 +51,12 @@ def model_family(model: nn.Module) -> str | None:
 
 # PEFT's defaults for these families: the attention projections the LoRA paper adapts (Wq, Wv).
 DEFAULT_TARGETS = {"gpt2": ("c_attn",), "distilbert": ("q_lin", "v_lin"), "llama": ("q_proj", "v_proj")}
+
+
+# PEFT's IA3 defaults (target_modules, feedforward_modules): keys, values and the MLP's output projection.
+IA3_TARGETS = {"gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+               "distilbert": (("k_lin", "v_lin", "lin2"), ("lin2",)),
+               "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",))}
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
@@ -102,6 +109,13 @@ def prepare(model: nn.Module, exp: ExperimentConfig, calibration: Callable[[], I
         for p in model.parameters():
             p.requires_grad_(True)
         return model, NullAllocator(None)
+
+    if exp.method == "ia3":   # PEFT's per-family IA3 targets; the task head trains in full, as below
+        family = model_family(model)
+        targets, feedforward = IA3_TARGETS.get(family, (exp.target_modules, ()))
+        add_ia3_to_model(model, IA3Config(target_modules=exp.target_modules or targets,
+                                          feedforward_modules=feedforward, modules_to_save=task_heads(model)))
+        return model, NullAllocator(None)             # no ranks to allocate
 
     # a task head made for this task (classifier, span head) trains in full, as PEFT's modules_to_save
     # does (a frozen random head would leave the adapters nothing to fit), so it gets no adapter

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from trainers.bench import alloc, inference, layers, quant, scaling, train_step
+from trainers.bench import alloc, inference, layers, multi_adapter, quant, scaling, train_step
 from trainers.bench.timing import Row, Settings, format_table
 from trainers.device import Runtime
 from trainers.results import atomic_write_text, check_writable
 
 # Section name -> its module (each has SECTION, ROWS and run(settings) -> list[Row]), in run order.
 SECTIONS = {"layers": layers, "quant": quant, "train_step": train_step, "inference": inference,
-            "alloc": alloc, "scaling": scaling}
+            "alloc": alloc, "scaling": scaling, "multi_adapter": multi_adapter}
 DEFAULT_JSON = Path("bench_results") / "bench.json"
 
 
