@@ -31,21 +31,26 @@ def test_target_ladders_name_real_layers_and_grow(family):
         assert [label for label, _ in A.TARGET_LADDERS["gpt2"]][0].startswith("Q,K,V")
 
 
+def state_bytes(model):
+    from trainers.train import training_state_bytes
+    return training_state_bytes(model)["state_bytes"]
+
+
 def test_state_bytes_counts_weights_grads_and_moments():
     from trainers.planted import PlantedConfig, build_planted
     base, _, _ = build_planted(PlantedConfig.quick())
     n = sum(p.numel() for p in base.parameters())
-    assert A.state_bytes(base) == 4 * n                      # frozen float32: weights only
+    assert state_bytes(base) == 4 * n                      # frozen float32: weights only
     full = copy.deepcopy(base).requires_grad_(True)
-    assert A.state_bytes(full) == 4 * n * 4                  # + grad + two AdamW moments
+    assert state_bytes(full) == 4 * n * 4                  # + grad + two AdamW moments
     from quantization import quantize_model
     q = quantize_model(copy.deepcopy(base), bits=4)
-    assert A.state_bytes(q) < A.state_bytes(base) / 6       # NF4 + double quant: ~4.13 bits a weight
+    assert state_bytes(q) < state_bytes(base) / 6       # NF4 + double quant: ~4.13 bits a weight
 
 
 def test_rank_ablation_end_to_end(tmp_path):
     settings = A.AblationSettings(task="planted", steps=20, batch_size=32, ranks=(1, 4), planted_dim=32,
-                                  eval_examples=256)
+                                  eval_examples=256, isolate=False)
     rows = A.run_ablation("rank", settings, out=tmp_path)
     assert [r["r"] for r in rows] == [1, 4, "full"]
     with open(tmp_path / "rank_ablation.csv", newline="") as f:
@@ -78,7 +83,7 @@ def test_unknown_kind_lists_the_known_ones():
 
 def test_memory_ablation_on_stories260k(stories260k, tmp_path):
     """The default real setting (stories260K on Tiny Shakespeare), tiny: full FT vs LoRA vs QLoRA.
-    In-process (isolate=False): the peak RSS column is then not per run, but state_bytes is."""
+    In-process (isolate=False): the peak is per run only where train() can reset it (Linux); state_bytes always is."""
     settings = A.AblationSettings(steps=3, batch_size=4, limit=16, eval_examples=8, max_length=32,
                                   data_dir=str(stories260k.parent), isolate=False)
     rows = A.run_ablation("memory", settings, out=tmp_path)

@@ -273,7 +273,7 @@ def test_a_refused_command_can_be_corrected(capsys, tmp_path, shared_data):
 
 def test_matrix_resume_keeps_finished_runs_and_resumes_the_stopped_one(capsys, tmp_path, monkeypatch, shared_data):
     flags = [f for f in TINY_RUN[5:]] + ["--results", str(tmp_path / "results")]
-    matrix = ["matrix", "--tasks", "sst2", "--configs", "B-FP,Full-FT", *flags]
+    matrix = ["matrix", "--tasks", "sst2", "--configs", "B-FP,Full-FT", "--no-isolate", *flags]   # monkeypatched here
     import trainers.train
     real_lr_at = trainers.train.lr_at
     calls = []

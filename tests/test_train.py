@@ -312,6 +312,39 @@ def test_schedule_values():
         lr_at(0, lr=lr, total_steps=total, schedule="step")
 
 
+def test_hf_schedules_warm_up_from_zero_and_decay_to_zero():
+    """cosine_hf / linear_hf are transformers' get_cosine/linear_schedule_with_warmup, to the formula:
+    lr t / W in the warm-up (0 at step 0), then lr 0.5 (1 + cos(pi p)) or lr (1 - p), p = (t - W) / (T - W)."""
+    lr, total, warm = 2.0, 20, 4
+    cos = [lr_at(t, lr=lr, total_steps=total, warmup_steps=warm, schedule="cosine_hf") for t in range(total)]
+    lin = [lr_at(t, lr=lr, total_steps=total, warmup_steps=warm, schedule="linear_hf") for t in range(total)]
+    for t in range(total):
+        p = (t - warm) / (total - warm)
+        want_cos = lr * t / warm if t < warm else lr * 0.5 * (1 + math.cos(math.pi * p))
+        want_lin = lr * t / warm if t < warm else lr * (1 - p)
+        assert cos[t] == pytest.approx(want_cos, abs=1e-12) and lin[t] == pytest.approx(want_lin, abs=1e-12)
+    assert cos[0] == 0.0 and cos[warm] == lr and cos[-1] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert lr_at(0, lr=lr, total_steps=total, warmup_steps=warm, schedule="cosine") == lr / warm   # the old default
+    assert TrainConfig(schedule="cosine_hf").schedule == "cosine_hf"
+
+
+@pytest.mark.ref
+def test_hf_schedules_match_transformers():
+    transformers = pytest.importorskip("transformers")
+    total, warm, lr = 30, 6, 1e-3
+    for name, make in (("cosine_hf", transformers.get_cosine_schedule_with_warmup),
+                       ("linear_hf", transformers.get_linear_schedule_with_warmup)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        sched = make(opt, num_warmup_steps=warm, num_training_steps=total)
+        theirs = []
+        for _ in range(total):
+            theirs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        ours = [lr_at(t, lr=lr, total_steps=total, warmup_steps=warm, schedule=name) for t in range(total)]
+        assert ours == pytest.approx(theirs, abs=1e-15), name
+
+
 def test_loop_uses_the_schedule():
     c = cfg(steps=12, warmup_steps=3, schedule="cosine", lr=1e-2)
     result = train(make_model(), epoch_batches(make_data(), 8), c)
@@ -396,7 +429,7 @@ def test_resume_refuses_trainable_parameters_of_another_shape_before_resizing(tm
 
 
 def test_resume_failing_at_the_last_moment_is_undone(tmp_path, monkeypatch):
-    import trainers.train as train_module
+    import trainers.resume as train_module
     from tests.snapshot import assert_unchanged, snapshot
     _grown_checkpoint(tmp_path)
     model = make_model()

@@ -8,8 +8,12 @@
     python -m trainers plan --model llama-7b --method qlora   will it fit? (trainers/plan.py)
 
 The options of `run` and `matrix` are generated from the fields of TrainConfig
-(trainers/train.py) and RunSettings (trainers/experiments.py): `--steps`, `--lr`,
-`--batch-size`, `--paged-adamw`, `--max-length`, `--limit`, ... Every value is checked
+(trainers/train.py), RunSettings (trainers/experiments.py) and ExperimentConfig
+(trainers/configs.py; trainers/flags.py): `--steps`, `--lr`, `--batch-size`, `--max-length`,
+`--limit none`, ... and, replacing the named configuration's value, `--rank 16`,
+`--targets all-linear`, `--bits c_attn=8,c_fc=4`, `--rank-pattern c_attn=4`,
+`--alpha-per-rank 2`, `--lr-scale 10`, `--tinit 20`, `--memory-cap-bytes ...` (also for
+`ablate`). The values used are written into each run's config.json. Every value is checked
 (by the dataclasses) before anything is created or loaded. An existing run folder is
 never overwritten unless `--overwrite` is given, and never loses a checkpoint: a run that
 stopped part-way is continued with `--resume` (give the same options again).
@@ -23,10 +27,11 @@ import argparse
 import dataclasses
 import os
 import sys
-import typing
 from pathlib import Path
 
-from trainers.experiments import CONFIGS, MODEL_HELP, RunSettings, run_matrix, run_task
+from trainers.configs import CONFIGS, get_config
+from trainers.experiments import MODEL_HELP, RunSettings, describe, run_matrix, run_task
+from trainers.flags import add_dataclass_args, add_experiment_args, experiment_overrides, from_args  # noqa: F401
 from trainers.results import RUN_FILES, check_run_dir, checkpoint_progress, run_state, write_summary
 from trainers.train import NonFiniteLossError, TrainConfig
 
@@ -44,27 +49,6 @@ def _epilog() -> str:
     return (f"configs:\n{configs}\n\ntasks:\n  {', '.join(_known_tasks())}\n\nmodels:\n  {MODEL_HELP}\n\n"
             f"With no subcommand: the offline planted-rank benchmark (trainers/planted.py); its options come\n"
             f"first, e.g. `python -m trainers --quick`, and `python -m trainers --quick --help` lists them.")
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None:
-    """One `--field-name` option per dataclass field, typed from the annotation."""
-    group = parser.add_argument_group(title)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        args = typing.get_args(kind)
-        base = next((a for a in args if a is not type(None)), kind) if args else kind
-        if base is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=f"(default {f.default})")
-        else:
-            group.add_argument(flag, dest=f.name, type=base if base in (int, float) else str, default=f.default,
-                               metavar=f.name.upper(), help=f"(default {f.default})")
-
-
-def from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def _names(text: str, known, what: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -104,9 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                             ("" if name == "run" else "; finished runs are kept, the others start"))
         add_dataclass_args(p, TrainConfig, "training (TrainConfig)")
         add_dataclass_args(p, RunSettings, "model and data (RunSettings)")
+        add_experiment_args(p)
     p = sub.add_parser("ablate", help="rank, target-module or memory ablation (trainers/ablations.py)")
     p.add_argument("kind", choices=ABLATIONS)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the ablation")
+    p.add_argument("rest", nargs=argparse.REMAINDER,
+                   help="options passed to the ablation (python -m trainers ablate KIND --help)")
     p = sub.add_parser("plots", help="redraw the figures from a results folder")
     p.add_argument("--results", type=Path, default=Path("results"))
     sub.add_parser("plan", help="will it fit? peak training memory (python -m trainers plan --help)")
@@ -148,6 +134,17 @@ def _note_overwrite(out_dir: Path) -> None:
               f"if the new run fails", file=sys.stderr)
 
 
+def _draw(run_dir: Path) -> list[Path]:
+    """The run's own figures (loss curve; rank heatmap for adaptive methods); none, with a note,
+    when matplotlib is not installed."""
+    try:
+        from trainers.plots import draw_run          # issue 15: trainers/plots.py (branch i15-plots) adds it
+        return list(draw_run(run_dir))
+    except ImportError as err:
+        print(f"note: no figures drawn ({_one_line(err)})", file=sys.stderr)
+        return []
+
+
 def _main(argv: list[str]) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         from trainers import planted                      # the offline default job, with its own options
@@ -159,18 +156,20 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.command in ("run", "matrix"):
         train_cfg, settings = from_args(TrainConfig, args), from_args(RunSettings, args)   # checked here
+        overrides = experiment_overrides(args)
         if args.overwrite and args.resume:
             raise ValueError("--overwrite and --resume exclude each other: --resume continues the run in the "
                              "folder, --overwrite starts a new one")
     if args.command == "run":
         if args.task not in _known_tasks():
             parser.error(f"unknown task {args.task}; known tasks: {', '.join(_known_tasks())}")
+        exp = dataclasses.replace(get_config(args.config), **overrides)                    # checked here
         out_dir = _run_dir(args)
         if args.overwrite:
             check_run_dir(out_dir, overwrite=True)
             _note_overwrite(out_dir)
         try:
-            row = run_task(args.config, args.task, train_cfg, out_dir, settings, overwrite=args.overwrite,
+            row = run_task(exp, args.task, train_cfg, out_dir, settings, overwrite=args.overwrite,
                            resume=args.resume)
         except BaseException:
             if run_state(out_dir) == "resumable":
@@ -178,9 +177,9 @@ def _main(argv: list[str]) -> int:
                       f"same command with --resume to continue it", file=sys.stderr)
             raise
         csv_path, _ = write_summary(args.results)
-        print(f"{row['run']}: {row['metric']} = {row['metric_value']}, final loss {row['final_loss']:.4f}, "
-              f"trainable {row['trainable_params']} ({row['trainable_pct']:.3f} %)\n"
-              f"results: {out_dir}  summary: {csv_path}")
+        figures = _draw(out_dir)
+        print(f"{describe(row)}, trainable {row['trainable_params']} ({row['trainable_pct']:.3f} %)\n"
+              f"results: {out_dir}  summary: {csv_path}" + "".join(f"\nfigure: {p}" for p in figures))
     elif args.command == "matrix":
         tasks = _names(args.tasks, _known_tasks(), "tasks", parser)
         configs = _names(args.configs, list(CONFIGS), "configs", parser)
@@ -193,7 +192,7 @@ def _main(argv: list[str]) -> int:
                     _note_overwrite(args.results / f"{task}__{config}")
         try:
             rows = run_matrix(tasks, configs, train_cfg, args.results, settings, overwrite=args.overwrite,
-                              resume=args.resume)
+                              resume=args.resume, overrides=overrides)
         except RuntimeError as err:       # some runs failed; the others and the summary are written
             print(f"error: {err}", file=sys.stderr)
             return 1

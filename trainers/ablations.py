@@ -19,10 +19,15 @@ there always adapts all three: its ladder is "Q,K,V (fused c_attn)", "+O (attn.c
 "all (+ mlp.c_fc, mlp.c_proj)", and the Q and Q,K rungs do not exist (we do not pretend to
 split a fused layer). The planted MLP has no attention: its ladder is fc1, fc2, both.
 
-Memory on the CPU: the figure the trainer records there is the process's peak resident set
-size, which only ever grows within a process; so each memory point runs in a fresh process
-(`isolate`), and the table also gives `state_bytes`, the exact bytes of weights (packed for a
-4-bit base) plus gradients and AdamW's two moments of the trainable parameters.
+Memory: the figure the trainer records on the CPU is the process's peak resident set size,
+which only ever grows within a process; so, off CUDA (whose peak the trainer resets per run),
+each point runs in a fresh process (`isolate`, trainers/isolated.py), and every table also
+gives `state_bytes` / `state_mib`, the exact bytes of weights (packed for a 4-bit base) plus
+gradients and AdamW's two moments of the trainable parameters.
+
+The LoRA points start from B-FP with the `experiment` fields replaced (the command line's
+--targets, --bits, --alpha-per-rank, ...: trainers/flags.py); the ablated field itself is the
+ablation's to set. A line per finished point goes to stderr, and the folder is printed last.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ import csv
 import dataclasses
 import io
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.nn as nn
@@ -57,8 +63,8 @@ COLUMNS = {
     "rank": ("r", "trainable_params", "trainable_pct", "metric", "metric_value", "final_loss", "wall_time_s"),
     "targets": ("targets", "modules", "trainable_params", "trainable_pct", "metric", "metric_value", "final_loss",
                 "wall_time_s"),
-    "memory": ("label", "method", "peak_memory_bytes", "peak_memory_kind", "state_bytes", "metric",
-               "metric_value", "final_loss", "wall_time_s", "trainable_params"),
+    "memory": ("label", "method", "peak_memory_mib", "peak_memory_kind", "state_mib", "peak_memory_bytes",
+               "state_bytes", "metric", "metric_value", "final_loss", "wall_time_s", "trainable_params"),
 }
 
 
@@ -77,8 +83,9 @@ class AblationSettings:
     seed: int = 0
     device: str | None = None
     ranks: tuple = RANKS             # the rank ablation's ranks
-    isolate: bool | None = None      # run memory points in fresh processes; None: on the CPU only
+    isolate: bool | None = None      # run each point in a fresh process; None: unless on CUDA
     planted_dim: int = 64            # the planted task's width (when task is "planted")
+    experiment: dict = field(default_factory=dict)   # ExperimentConfig fields set in the LoRA points
 
     def __post_init__(self):
         """Refuse a bad value when the settings are built (trainers/config_checks.py)."""
@@ -95,6 +102,9 @@ class AblationSettings:
         if self.task not in (None, "planted"):
             from trainers.data import get_task
             get_task(self.task)                  # a KeyError naming the known tasks
+        from trainers.configs import CONFIGS
+        self.experiment = dict(self.experiment)
+        dataclasses.replace(CONFIGS["B-FP"], **self.experiment)     # unknown fields and bad values fail here
 
 
 def resolve_defaults(s: AblationSettings) -> AblationSettings:
@@ -130,7 +140,8 @@ class _Context:
             self.data = PlantedTask(teacher, self.planted_cfg)
             self.family, self.tokenizer = "planted", None
         else:
-            from trainers.experiments import load_model, load_task_for, model_family
+            from trainers.loading import load_model, load_task_for
+            from trainers.prepare import model_family
             model, self.tokenizer = load_model(s.model, s.task, max_length=s.max_length, data_dir=s.data_dir,
                                                seed=s.seed)
             self.family = model_family(model)
@@ -140,40 +151,23 @@ class _Context:
     def model(self) -> nn.Module:
         if self.s.task == "planted":
             return copy.deepcopy(self.base)
-        from trainers.experiments import load_model
+        from trainers.loading import load_model
         return load_model(self.s.model, self.s.task, max_length=self.s.max_length, data_dir=self.s.data_dir,
                           seed=self.s.seed, tokenizer=self.tokenizer)[0]
 
     def evaluator(self):
         if self.s.task == "planted":
             return self.data.evaluate
-        from trainers.experiments import make_evaluator
+        from trainers.evaluate import make_evaluator
         return make_evaluator(self.data, tokenizer=self.tokenizer, max_examples=self.s.eval_examples)
 
     def default_targets(self) -> tuple | None:
         return ("fc1", "fc2") if self.s.task == "planted" else None
 
 
-def state_bytes(model: nn.Module) -> int:
-    """Bytes of what training holds besides activations: every weight as stored (a quantized
-    layer's packed codes and constants), plus a gradient and AdamW's two moments per
-    trainable parameter."""
-    total, seen = 0, set()
-    for module in model.modules():
-        if callable(getattr(module, "storage_bytes", None)):      # a quantized base layer
-            total += module.storage_bytes()
-            seen.update(id(t) for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)))
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel() * p.element_size() * (4 if p.requires_grad else 1)
-    return total
-
-
 def run_point(exp, s: AblationSettings, ctx: _Context, out_dir: Path) -> dict:
     """One run: a fresh model, prepared for `exp` and trained by the trainer; returns its summary
-    row plus `state_bytes`."""
+    row (trainers.results.SUMMARY_COLUMNS: state_bytes, peak memory, inference speed, ...)."""
     from trainers.experiments import run_experiment
     from trainers.train import TrainConfig
     lr = s.full_ft_lr if exp.method == "full" and s.full_ft_lr is not None else s.lr
@@ -181,28 +175,31 @@ def run_point(exp, s: AblationSettings, ctx: _Context, out_dir: Path) -> dict:
                             eval_every=0, seed=s.seed, device=s.device, progress=False)
     model = ctx.model()
     model_name = s.model or f"planted-mlp-d{s.planted_dim}"
-    row = run_experiment(exp, model, ctx.data, train_cfg, out_dir, ctx.evaluator(), model_name=model_name)
-    return {**row, "state_bytes": state_bytes(model)}
+    return run_experiment(exp, model, ctx.data, train_cfg, out_dir, ctx.evaluator(), model_name=model_name)
 
 
-def _isolated_point(args) -> dict:
-    """Child-process entry (spawn): rebuild the context and run one point, so the process's
-    peak RSS belongs to this run alone."""
-    exp, s, out_dir = args
+def _isolated_point(exp, s: AblationSettings, out_dir: Path) -> dict:
+    """Child-process entry (trainers.isolated): rebuild the context and run one point, so the
+    process's peak RSS belongs to this run alone."""
     return run_point(exp, s, _Context(s), out_dir)
 
 
 # --- the three ablations ----------------------------------------------------------------------
 def ablation_points(kind: str, ctx: _Context) -> list[tuple[str, object, dict]]:
     """[(folder name, ExperimentConfig, the ablation's own columns)] for one kind."""
-    from trainers.experiments import CONFIGS
-    targets = ctx.default_targets()
-    lora = dataclasses.replace(CONFIGS["B-FP"], target_modules=targets)
+    from trainers.configs import CONFIGS
+    given = ctx.s.experiment
+    ablated = {"rank": ("r",), "targets": ("target_modules",), "memory": ("quant", "method")}.get(kind, ())
+    if any(name in given for name in ablated):
+        raise ValueError(f"the {kind} ablation sets {', '.join(ablated)} itself; leave out that option")
+    lora = dataclasses.replace(CONFIGS["B-FP"], **{"target_modules": ctx.default_targets(), **given})
     if kind == "rank":
-        # lora_alpha = 2 r keeps the scaling alpha / r = 2 (B-FP's) at every rank, so the
-        # ablation changes the rank and not the effective step size of the update.
-        points = [(f"r{r:02d}", dataclasses.replace(lora, name=f"LoRA-r{r}", r=r, lora_alpha=2 * r), {"r": r})
-                  for r in ctx.s.ranks]
+        # alpha = 2 r keeps the scaling alpha / r = 2 (B-FP's) at every rank, so the ablation
+        # changes the rank and not the effective step size of the update (unless a fixed
+        # --lora-alpha or another --alpha-per-rank is given).
+        per_rank = None if "lora_alpha" in given and "alpha_per_rank" not in given else lora.alpha_per_rank or 2.0
+        points = [(f"r{r:02d}", dataclasses.replace(lora, name=f"LoRA-r{r}", r=r, alpha_per_rank=per_rank),
+                   {"r": r}) for r in ctx.s.ranks]
         return points + [("full", CONFIGS["Full-FT"], {"r": "full"})]
     if kind == "targets":
         if ctx.family not in TARGET_LADDERS:
@@ -213,7 +210,7 @@ def ablation_points(kind: str, ctx: _Context) -> list[tuple[str, object, dict]]:
                  {"targets": label, "modules": " ".join(modules)})
                 for i, (label, modules) in enumerate(TARGET_LADDERS[ctx.family])]
     if kind == "memory":
-        qlora = dataclasses.replace(CONFIGS["B-Q4"], target_modules=targets)
+        qlora = dataclasses.replace(lora, name="B-Q4", quant=4, description=CONFIGS["B-Q4"].description)
         return [("full", CONFIGS["Full-FT"], {"label": "full FT", "method": "full"}),
                 ("lora", lora, {"label": "LoRA r=8", "method": "lora"}),
                 ("qlora", qlora, {"label": "QLoRA r=8 (NF4)", "method": "lora+nf4"})]
@@ -230,14 +227,16 @@ def run_ablation(kind: str, settings: AblationSettings | None = None, out: Path 
     from trainers.results import adding_to
     s = resolve_defaults(settings or AblationSettings())
     device_type = _device_type(s.device)        # an absent device fails before anything is written
-    isolate = s.isolate if s.isolate is not None else (kind == "memory" and device_type == "cpu")
+    isolate = s.isolate if s.isolate is not None else device_type != "cuda"   # train() resets CUDA's peak
     ctx = _Context(s)                            # loads the model and data: no folder exists yet
     points = ablation_points(kind, ctx)
     made = out is None
     out = new_results_dir(results_root, prefix=f"ablation-{kind}") if made else Path(out)
     try:
         with adding_to(out):                     # all or nothing under `out`
-            return _run_points(kind, s, ctx, points, out, isolate)
+            rows = _run_points(kind, s, ctx, points, out, isolate)
+        print(f"results: {out}  table: {out / f'{kind}_ablation.csv'}")
+        return rows
     except BaseException:
         if made:
             with contextlib.suppress(OSError):
@@ -247,17 +246,20 @@ def run_ablation(kind: str, settings: AblationSettings | None = None, out: Path 
 
 def _run_points(kind: str, s: AblationSettings, ctx: _Context, points: list, out: Path, isolate: bool) -> list[dict]:
     """Each point's run, then the summary, <kind>_ablation.csv and the plot."""
+    from trainers.experiments import describe
+    from trainers.isolated import in_fresh_process
     from trainers.results import MISSING, atomic_write_text, write_summary
     rows = []
-    for folder, exp, own in points:
+    print(f"{kind} ablation: {len(points)} runs into {out}" + (" (each in a fresh process)" if isolate else ""),
+          file=sys.stderr)
+    for i, (folder, exp, own) in enumerate(points, 1):
+        start = time.perf_counter()
         if isolate:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                row = pool.submit(_isolated_point, (exp, s, out / folder)).result()
+            row = in_fresh_process(_isolated_point, exp, s, out / folder)
         else:
             row = run_point(exp, s, ctx, out / folder)
         rows.append({**own, **{k: v for k, v in row.items() if k not in own}})
+        print(f"[{i}/{len(points)}] {describe(row)} ({time.perf_counter() - start:.1f} s with setup)", file=sys.stderr)
     write_summary(out)
     columns = list(COLUMNS[kind]) + [c for c in rows[0] if c not in COLUMNS[kind]]
     for row in rows:
@@ -310,13 +312,20 @@ def build_parser(kind: str | None = None) -> argparse.ArgumentParser:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--full-ft-lr", type=float, default=None, help="lr for full fine-tuning (default: --lr)")
-    parser.add_argument("--limit", type=int, default=defaults.limit)
-    parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples)
+    from trainers.configs import parse_optional_number
+    from trainers.flags import add_experiment_args
+    parser.add_argument("--limit", type=parse_optional_number(int), default=defaults.limit,
+                        help=f"(default {defaults.limit}; none: every example)")
+    parser.add_argument("--eval-examples", type=parse_optional_number(int), default=defaults.eval_examples,
+                        help=f"(default {defaults.eval_examples}; none: every example)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--ranks", default=",".join(map(str, RANKS)), help="rank ablation: comma-separated ranks")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="each point in a fresh process (default: unless on CUDA)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the runs (default: a new results/ablation-<kind>-<timestamp>)")
+    add_experiment_args(parser)
     return parser
 
 
@@ -330,12 +339,14 @@ def _ranks(text: str) -> tuple[int, ...]:
 def main(argv=None, kind: str | None = None) -> int:
     """`python -m trainers ablate KIND ...`; a bad value raises ValueError before anything is
     written (the trainers CLI prints it as one `error:` line)."""
+    from trainers.flags import experiment_overrides
     args = build_parser(kind).parse_args(argv)
     kind = kind or args.kind
     settings = AblationSettings(task=args.task, model=args.model, steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, full_ft_lr=args.full_ft_lr, max_length=args.max_length,
                                 limit=args.limit, eval_examples=args.eval_examples, data_dir=args.data_dir,
-                                seed=args.seed, device=args.device, ranks=_ranks(args.ranks))
+                                seed=args.seed, device=args.device, ranks=_ranks(args.ranks), isolate=args.isolate,
+                                experiment=experiment_overrides(args))
     if args.out is not None:
         from trainers.results import check_writable
         check_writable(args.out)

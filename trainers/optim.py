@@ -17,9 +17,16 @@ instead of CUDA unified memory. Every operation is elementwise and in the same
 order as `torch.optim.AdamW`'s single-tensor path, so the results are equal bit
 for bit (tests/test_train.py checks it).
 
-Schedules: linear warm-up to `lr` over `warmup_steps`, then cosine or linear
-decay to `lr * min_lr_ratio` at the last step, or constant (as nanoGPT's
-`get_lr`).
+Schedules, for step t (0-based) of T with W warm-up steps:
+
+    cosine, linear, constant   (nanoGPT's `get_lr`) warm-up lr (t + 1) / W, reaching lr on the
+                               last warm-up step; then cosine or linear decay to
+                               lr * min_lr_ratio, reached at the last step T - 1, or constant
+    cosine_hf, linear_hf       Hugging Face's get_cosine_schedule_with_warmup and
+                               get_linear_schedule_with_warmup: warm-up lr t / W from 0 at
+                               step 0; then, with p = (t - W) / (T - W),
+                               lr * 0.5 (1 + cos(pi p))  or  lr (1 - p): towards 0, reached
+                               one step after the last (min_lr_ratio is not used)
 """
 from __future__ import annotations
 
@@ -29,14 +36,21 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "cosine_hf", "linear_hf")
 
 
 def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int = 0,
           schedule: str = "cosine", min_lr_ratio: float = 0.1) -> float:
-    """Learning rate for optimizer step `step` (0-based) of `total_steps`."""
+    """Learning rate for optimizer step `step` (0-based) of `total_steps` (module docstring)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    if schedule.endswith("_hf"):                     # transformers.optimization, to the formula
+        if step < warmup_steps:
+            return lr * step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear_hf":
+            return lr * max(0.0, 1.0 - progress)
+        return lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps        # reaches lr on the last warm-up step
     if schedule == "constant":

@@ -219,7 +219,7 @@ def plot_rank_ablation(rows: list[dict], path: Path, *, title: str = "rank ablat
 
 def plot_memory_quality(rows: list[dict], path: Path, *, title: str = "memory vs quality") -> Path:
     """rows: {"label", "peak_memory_bytes", "metric", "metric_value", "wall_time_s"} per run, and
-    "state_bytes" (trainers.ablations.state_bytes) when known: a second panel against those."""
+    "state_bytes" (trainers.memory.training_state_bytes) when known: a second panel against those."""
     if not rows:
         raise ValueError("plot_memory_quality: no rows")
     plt = _pyplot()

@@ -1,9 +1,13 @@
 """The results folder: one folder per run, written atomically, plus a summary across runs.
 
     results/
-      <run>/config.json       what was run (experiment + training config, task, model)
-      <run>/metrics.json      what came out (task metric, parameters, bytes, memory, time, throughput)
+      <run>/config.json       what was run (experiment + training config, task, model; "used": the
+                              layers, ranks, alphas and allocator settings prepare chose)
+      <run>/metrics.json      what came out (task metric, parameters, bytes, memory, time, throughput,
+                              inference speed, final ranks)
       <run>/loss_log.csv      step, loss, lr
+      <run>/eval_log.json, rank_history.json ({step, ranks} of the adaptive methods' decisions)
+      <run>/bits.json         quantized runs: {layer: 4 or 8} (which layers a mixed base kept at 8 bits)
       <run>/adapter_config.json, adapter_model.safetensors
       experiment_summary.csv  one row per run, every column filled
       all_results.json        every run's config and metrics
@@ -41,12 +45,21 @@ from lora import files   # the one atomic write (lora may not import trainers)
 
 # The summary's columns, in order. `metric`/`metric_value` is the task's own metric
 # (accuracy, F1, perplexity, ...), so one table holds classification and LM runs alike.
+# Memory is in MiB (2^20 bytes) next to the exact bytes: `peak_memory_*` is what the device
+# reported (trainers.train.peak_memory), `state_*` the analytic training state (weights as
+# stored, gradients, AdamW moments; trainers.train.training_state_bytes). `tokens_per_s` and
+# `examples_per_s` are training throughput; the `inference_*` columns are inference speed
+# (trainers/inference.py: per second at batch 1 and batched, adapters unmerged and merged).
 SUMMARY_COLUMNS = (
     "run", "config", "method", "quant", "allocation", "task", "model",
     "metric", "metric_value", "final_loss", "trainable_params", "total_params", "trainable_pct",
-    "adapter_bytes", "peak_memory_bytes", "peak_memory_kind", "wall_time_s", "tokens_per_s",
-    "examples_per_s", "steps", "seed", "device",
+    "adapter_bytes", "peak_memory_mib", "peak_memory_bytes", "peak_memory_kind", "state_mib", "state_bytes",
+    "wall_time_s", "tokens_per_s", "examples_per_s",
+    "inference_unit", "inference_b1_per_s", "inference_batched_per_s", "inference_b1_merged_per_s",
+    "inference_batched_merged_per_s", "inference_latency_ms_b1", "inference_batch_size", "inference_merged_base",
+    "steps", "seed", "device",
 )
+MIB = 2 ** 20
 MISSING = "n/a"   # written (never an empty cell) when a run did not record a column
 
 
@@ -96,7 +109,7 @@ def write_loss_log(path: Path, loss_log: list[dict]) -> None:
 
 # What a run writes into its folder; `overwrite` replaces exactly these (and nothing else).
 # (error.txt: what earlier versions wrote into a failed matrix run's folder.)
-RUN_FILES = ("config.json", "metrics.json", "loss_log.csv", "eval_log.json", "rank_history.json",
+RUN_FILES = ("config.json", "metrics.json", "loss_log.csv", "eval_log.json", "rank_history.json", "bits.json",
              "checkpoint.pt", "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
              "error.txt")
 CHECKPOINT = "checkpoint.pt"          # trainers.train.CHECKPOINT_NAME
@@ -238,8 +251,11 @@ def _undo(path: Path, kept: set[str], aside: Path | None, moved: list[str], crea
 def summary_row(run: str, config: dict, metrics: dict) -> dict:
     """One summary row from a run's config.json and metrics.json (see SUMMARY_COLUMNS)."""
     exp = config.get("experiment", {})
+    quant = exp.get("quant")
+    if isinstance(quant, dict):                      # a fixed {pattern: bits}: one cell, readable in a CSV
+        quant = " ".join(f"{k}={v}" for k, v in quant.items())
     source = {"run": run, "config": exp.get("name", config.get("name")), "method": exp.get("method"),
-              "quant": exp.get("quant") if exp.get("quant") is not None else "none",
+              "quant": quant if quant is not None else "none",
               "allocation": exp.get("allocation"), "task": config.get("task"), "model": config.get("model"),
               "seed": config.get("train", {}).get("seed")}
     row = {}
@@ -247,6 +263,9 @@ def summary_row(run: str, config: dict, metrics: dict) -> dict:
         value = source.get(column)
         if value is None:
             value = metrics.get(column)
+        if value is None and column.endswith("_mib"):
+            exact = metrics.get(column[:-len("_mib")] + "_bytes")
+            value = round(exact / MIB, 3) if isinstance(exact, numbers.Real) else None
         row[column] = MISSING if value is None or value == "" else value
     return row
 

@@ -16,7 +16,7 @@ moved there and batches (CPU tensors) follow. The optimizer is AdamW over the
 parameters with `requires_grad` only, so a LoRA run keeps no moments for the
 frozen base.
 
-Checkpoints (out_dir/checkpoint.pt, written atomically) hold the trainable
+Checkpoints (out_dir/checkpoint.pt, written atomically; trainers/resume.py) hold the trainable
 parameters, the adapter layers' buffers (masks), every low-rank layer's rank,
 the optimizer, the allocator, the RNG states, the data position and the logs:
 enough for `resume=True` to continue to the same losses, bit for bit, as a run
@@ -27,25 +27,21 @@ from __future__ import annotations
 
 import inspect
 import math
-import random
-import resource
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from allocation.controller import restore_layer, snapshot_layer
-from lora.model import adapter_layers, count_parameters
+from lora.model import count_parameters
 from trainers.config_checks import check_choice, check_device, check_dtype, check_floats, check_ints
 from trainers.device import Runtime
+from trainers.memory import peak_memory, reset_peak_memory, trainable_bytes, training_state_bytes  # noqa: F401
 from trainers.optim import SCHEDULES, lr_at, make_optimizer
-from trainers.results import atomic_torch_save
+from trainers.resume import _load_checkpoint, _save_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -58,7 +54,8 @@ class TrainConfig:
     lr: float = 1e-3                # peak learning rate
     weight_decay: float = 0.0       # decoupled (AdamW) weight decay
     warmup_steps: int = 10          # linear warm-up steps
-    schedule: str = "cosine"        # "cosine" | "linear" | "constant" after warm-up
+    schedule: str = "cosine"        # "cosine" | "linear" | "constant" after warm-up; "cosine_hf" | "linear_hf":
+                                    # Hugging Face's (warm-up from lr 0, decay to 0; trainers/optim.py)
     clip: float = 1.0               # max global gradient norm; 0 disables clipping
     eval_every: int = 50            # evaluate every N steps (and always at the end); 0: only at the end
     log_every: int = 10             # progress-bar refresh every N steps (loss_log keeps every step)
@@ -69,7 +66,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute activations in backward (model must support it)
     paged_adamw: bool = False       # AdamW with moments in (pinned) CPU memory, trainers/optim.py
     progress: bool = True           # tqdm bar with loss and tokens/s
-    min_lr_ratio: float = 0.1       # cosine/linear decay ends at lr * min_lr_ratio
+    min_lr_ratio: float = 0.1       # cosine/linear decay ends at lr * min_lr_ratio (not used by the _hf ones)
 
     def __post_init__(self):
         """Refuse a bad value when the config is built (trainers/config_checks.py)."""
@@ -122,235 +119,6 @@ def epoch_batches(tensors: dict[str, torch.Tensor], batch_size: int, *, shuffle:
     return batches
 
 
-# ----------------------------------------------------------------------------- records
-
-def peak_memory(device: torch.device, mps_seen: int = 0) -> tuple[int, str]:
-    """(bytes, what was measured): the CUDA allocator's peak, the largest MPS driver
-    allocation seen (MPS keeps no peak: the loop samples it at every log step and passes
-    the maximum as `mps_seen`), or the process's peak resident set size on the CPU
-    (process-wide: it never goes down within one process)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    if device.type == "mps":
-        return max(int(torch.mps.driver_allocated_memory()), mps_seen), "mps_driver_allocated_max_sampled"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
-    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
-
-
-def trainable_bytes(model: nn.Module) -> int:
-    """Bytes of the trainable parameters: what an adapter file (or a full fine-tune) stores."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
-def _low_rank_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, layer) for name, layer in adapter_layers(model) if hasattr(layer, "resize")]
-
-
-def _adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Buffers that belong to adapters (sparsity masks, AdaLoRA's rank mask), not to the bases."""
-    out = {}
-    for name, layer in adapter_layers(model):
-        for bname, buf in layer.named_buffers():
-            if not bname.startswith("base_layer."):
-                out[f"{name}.{bname}"] = buf
-    return out
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_checkpoint(path: Path, model, optimizer, allocator, scaler, *, step: int, position: dict,
-                     loss_log: list, eval_log: list, cfg: TrainConfig) -> None:
-    trainable = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-    bad = [n for n, t in trainable.items() if not torch.isfinite(t).all()]
-    if bad:  # never replace a good checkpoint with a broken state
-        raise RuntimeError(f"checkpoint at step {step}: parameters {bad[:3]} hold NaN/inf; "
-                           f"kept the previous checkpoint {str(path)!r}")
-    names = {id(p): n for n, p in model.named_parameters()}
-    state = {
-        "step": step, "position": dict(position), "config": asdict(cfg),
-        "trainable": trainable,
-        "adapter_buffers": {n: b.detach().to("cpu", copy=True) for n, b in _adapter_buffers(model).items()},
-        "ranks": {n: int(layer.rank) for n, layer in _low_rank_layers(model)},
-        "adapter_types": {n: type(layer).__name__ for n, layer in adapter_layers(model)},
-        "optimizer": optimizer.state_dict(),
-        "optimizer_param_names": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups],
-        "allocator": allocator.state_dict() if allocator is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": _rng_state(), "loss_log": list(loss_log), "eval_log": list(eval_log),
-    }
-    atomic_torch_save(path, state)
-
-
-CHECKPOINT_KEYS = ("step", "position", "config", "trainable", "adapter_buffers", "ranks", "optimizer",
-                   "optimizer_param_names", "allocator", "scaler", "rng", "loss_log", "eval_log")
-RANKED_DIMS = {"lora_A": 0, "lora_E": 0, "lora_B": 1}   # the rank's dimension in the factors (lora/base.py, svd.py)
-
-
-def _read_checkpoint(path: Path) -> dict:
-    """The checkpoint's dict; ValueError naming the file when it is empty, truncated or not ours."""
-    if not path.exists():
-        raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r} (train with checkpoint_every > 0 first)")
-    if path.stat().st_size == 0:
-        raise ValueError(f"resume: {str(path)!r} is empty (0 bytes), not a checkpoint; delete it and train "
-                         f"without resume")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: holds RNG tuples
-    except Exception as error:
-        raise ValueError(f"resume: cannot read {str(path)!r}: truncated, or not a checkpoint written by train() "
-                         f"({type(error).__name__}: {error})") from error
-    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
-    if missing:
-        raise ValueError(f"resume: {str(path)!r} is not a training checkpoint written by train(): "
-                         f"it lacks the key(s) {missing}")
-    return state
-
-
-def _check_checkpoint(state: dict, model: nn.Module, allocator, where: str) -> dict[str, int]:
-    """Compare the checkpoint's adapters (names, methods, ranks, shapes) and trainable parameters
-    with the model before anything changes; returns the layers to resize, {name: rank}."""
-    adapters = dict(adapter_layers(model))
-    layers = dict(_low_rank_layers(model))
-    saved_types = state.get("adapter_types")
-    if saved_types is not None:
-        for name in sorted(set(saved_types) | set(adapters)):
-            theirs, ours = saved_types.get(name), type(adapters[name]).__name__ if name in adapters else None
-            if theirs != ours:
-                raise ValueError(f"resume: {where}: " + (
-                    f"the model has an adapter {name!r} ({ours}) that the checkpoint lacks" if theirs is None else
-                    f"the checkpoint has an adapter {name!r} ({theirs}) that the model lacks" if ours is None else
-                    f"adapter {name!r} is a {theirs} in the checkpoint, a {ours} in the model"))
-    ranks = state["ranks"]
-    extra, absent = sorted(set(ranks) - set(layers)), sorted(set(layers) - set(ranks))
-    if extra or absent:
-        raise ValueError(f"resume: {where}: low-rank layers differ: in the checkpoint only {extra[:5]}, "
-                         f"in the model only {absent[:5]}")
-    for name, rank in ranks.items():
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"resume: {where}: ranks[{name!r}] must be a positive int, got {rank!r}")
-    resize = {name: rank for name, rank in ranks.items() if layers[name].rank != rank}
-    current = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    saved = state["trainable"]
-    missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
-    if missing or extra:
-        raise ValueError(f"resume: {where}: trainable parameters differ from the checkpoint's: "
-                         f"missing from it {missing[:5]}, unexpected in it {extra[:5]}")
-    for name, p in current.items():   # the shapes a resize to the saved ranks will give
-        owner, _, leaf = name.rpartition(".")
-        shape = list(p.shape)
-        if owner in resize and leaf in RANKED_DIMS:
-            shape[RANKED_DIMS[leaf]] = resize[owner]
-        if owner not in resize or leaf in RANKED_DIMS:
-            if tuple(saved[name].shape) != tuple(shape):
-                raise ValueError(f"resume: {where}: trainable[{name!r}] has shape {tuple(saved[name].shape)}, "
-                                 f"the model's is {tuple(shape)}" + (" at the saved rank" if owner in resize else ""))
-    buffers = _adapter_buffers(model)
-    if set(buffers) != set(state["adapter_buffers"]):
-        raise ValueError(f"resume: {where}: adapter buffers differ: in the checkpoint only "
-                         f"{sorted(set(state['adapter_buffers']) - set(buffers))[:5]}, in the model only "
-                         f"{sorted(set(buffers) - set(state['adapter_buffers']))[:5]}")
-    names = [n for group in state["optimizer_param_names"] for n in group]
-    unknown = [n for n in names if n not in current]
-    if unknown or len(set(names)) != len(names):
-        raise ValueError(f"resume: {where}: optimizer_param_names must name each trainable parameter once; "
-                         f"unknown or repeated: {unknown[:5] or names}")
-    if (allocator is None) != (state["allocator"] is None):
-        raise ValueError(f"resume: {where} was written " + ("with" if allocator is None else "without") +
-                         f" an allocator, the run resumes " + ("without" if allocator is None else "with") +
-                         " one; pass the same allocator as the run that wrote it")
-    return resize
-
-
-def _check_after_resize(state: dict, model: nn.Module, where: str) -> None:
-    """Exact shapes, once the layers have the saved ranks (the optimizer's moments included)."""
-    params = dict(model.named_parameters())
-    tensors = {**{("trainable", n): t for n, t in state["trainable"].items()},
-               **{("adapter_buffers", n): t for n, t in state["adapter_buffers"].items()}}
-    live = {**{("trainable", n): params[n] for n in state["trainable"]}, **{
-        ("adapter_buffers", n): b for n, b in _adapter_buffers(model).items()}}
-    for (key, name), t in tensors.items():
-        if not torch.is_tensor(t) or t.shape != live[key, name].shape:
-            raise ValueError(f"resume: {where}: {key}[{name!r}] has shape {tuple(getattr(t, 'shape', ()))}, "
-                             f"the model's is {tuple(live[key, name].shape)}")
-    names = [n for group in state["optimizer_param_names"] for n in group]
-    for index, entry in state["optimizer"].get("state", {}).items():
-        for k, v in entry.items():
-            if torch.is_tensor(v) and v.dim() > 0 and (index >= len(names) or v.shape != params[names[index]].shape):
-                what = names[index] if index < len(names) else f"#{index}"
-                raise ValueError(f"resume: {where}: optimizer state {k!r} of {what} has shape {tuple(v.shape)}, "
-                                 f"the parameter's is {tuple(params[what].shape) if what in params else 'unknown'}")
-
-
-def _load_checkpoint(path: Path, model, allocator, scaler, cfg: TrainConfig):
-    """Restore a checkpoint into `model` and return (optimizer, state), all-or-nothing.
-
-    Everything that can be compared is compared first (adapters, ranks, trainable names and
-    shapes, buffers, optimizer parameter names, whether an allocator ran). Then, in this order:
-    resize to the saved ranks (a dynamic allocator may have resized layers, so the shapes
-    differ from a fresh model's), exact shape checks, optimizer, allocator, scaler, the
-    parameter and buffer values, and the RNG last (resizing draws random numbers). If any
-    of it fails, the layers (same Parameter objects), values, allocator, scaler and RNG are
-    put back before the error goes on."""
-    state = _read_checkpoint(path)
-    where = repr(str(path))
-    resize = _check_checkpoint(state, model, allocator, where)
-    layers = dict(_low_rank_layers(model))
-    current = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    buffers = _adapter_buffers(model)
-    layer_snaps = {name: snapshot_layer(layers[name]) for name in resize}   # objects, values, scaling
-    values = [(t, t.detach().clone()) for n, t in list(current.items()) + list(buffers.items())
-              if n.rpartition(".")[0] not in resize]
-    backups = {"rng": _rng_state(), "allocator": allocator.state_dict() if allocator is not None else None,
-               "scaler": scaler.state_dict() if scaler is not None else None}
-    try:
-        for name, rank in resize.items():
-            layers[name].resize(rank)
-        _check_after_resize(state, model, where)
-        params = dict(model.named_parameters())
-        order = [params[n] for group in state["optimizer_param_names"] for n in group]
-        optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.paged_adamw,
-                                   params=order)
-        for key, target in (("optimizer", optimizer), ("allocator", allocator), ("scaler", scaler)):
-            if target is not None and state[key] is not None:
-                try:
-                    target.load_state_dict(state[key])
-                except (ValueError, KeyError, TypeError, IndexError) as error:
-                    raise ValueError(f"resume: {where}: its {key!r} state does not load "
-                                     f"({type(error).__name__}: {error})") from error
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.requires_grad:
-                    p.copy_(state["trainable"][name])
-            for name, buf in _adapter_buffers(model).items():
-                buf.copy_(state["adapter_buffers"][name])
-        _set_rng_state(state["rng"])
-    except BaseException:
-        for name, snap in layer_snaps.items():
-            restore_layer(layers[name], snap)
-        with torch.no_grad():
-            for t, saved in values:
-                t.copy_(saved)
-        if allocator is not None:
-            allocator.load_state_dict(backups["allocator"])
-        if scaler is not None:
-            scaler.load_state_dict(backups["scaler"])
-        _set_rng_state(backups["rng"])
-        raise
-    return optimizer, state
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def _enable_grad_checkpointing(model: nn.Module) -> None:
@@ -400,6 +168,16 @@ def _loss_of(output) -> torch.Tensor:
     return loss
 
 
+def logits_of(output) -> torch.Tensor:
+    """The logits in a model's output: the first of a (logits, loss) tuple, as trainers.models
+    return, or `.logits` of a transformers ModelOutput (duck-typed, as `_loss_of`)."""
+    logits = output[0] if isinstance(output, tuple) else getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"evaluate: the model returned {type(output).__name__} without logits; expected "
+                        f"(logits, loss) or an object with .logits (e.g. a transformers ModelOutput)")
+    return logits
+
+
 def _evaluate(model: nn.Module, evaluate: Callable, rt: Runtime, step: int) -> dict:
     model.eval()
     with torch.no_grad(), rt.autocast():
@@ -425,8 +203,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     model.to(rt.device)
     if cfg.grad_checkpointing:
         _enable_grad_checkpointing(model)
-    if rt.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(rt.device)
+    reset_peak_memory(rt.device)       # the run's own peak, not the process's so far
     scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler() else None
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if resume and ckpt_path is None:
@@ -556,7 +333,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     metrics.update({
         "final_loss": last_loss, "trainable_params": trainable, "total_params": total_params,
         "trainable_pct": 100.0 * trainable / max(total_params, 1), "adapter_bytes": trainable_bytes(model),
-        "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
+        "peak_memory_bytes": memory, "peak_memory_kind": memory_kind, **training_state_bytes(model),
         "wall_time_s": time.perf_counter() - wall_start, "train_time_s": train_time,
         "tokens_per_s": tokens / train_time if train_time > 0 else 0.0,
         "examples_per_s": examples / train_time if train_time > 0 else 0.0,

@@ -30,7 +30,6 @@ import torch
 from allocation.budget import base_bits_per_param, training_bytes
 from lora import add_lora_to_model, count_parameters, lora_state_dict
 from quantization import Linear4bit, memory_report, quantize_model
-from trainers.ablations import state_bytes
 from trainers.notebook import FAST, fast, have_stories, pyplot, save_figure
 from trainers.train import TrainConfig, peak_memory, train
 
@@ -150,15 +149,15 @@ qmodel.zero_grad(set_to_none=True)
 # Each run uses `trainers.train.train` (the library's training loop) and the same batches.
 # After training we evaluate on held-out text and record the memory it took:
 #
-# - `state_bytes` (`trainers.ablations`): every stored weight (a quantized layer's packed
-#   codes and constants) plus, per *trainable* parameter, its gradient and AdamW's two moments.
-#   This is what grows with the model; activations come on top and depend on batch and length.
+# - `state_bytes` (recorded by `train`; `trainers.memory.training_state_bytes`): every stored
+#   weight (a quantized layer's packed codes and constants) plus, per *trainable* parameter,
+#   its gradient and AdamW's two moments. This is what grows with the model; activations come on top and depend on batch and length.
 # - adapter bytes: what you would save and ship (`lora_state_dict`); for full fine-tuning,
 #   the whole model.
-# - peak RSS: the process's resident-set high-water mark. It only ever grows within one
-#   process and, for a model this small, is dominated by the PyTorch runtime itself, so it
-#   cannot tell the three runs apart here; `python -m trainers ablate memory` runs each in a
-#   fresh process to measure it per method.
+# - peak RSS: the process's resident-set high-water mark. On Linux `train` resets it when it
+#   starts; elsewhere it only ever grows within one process. For a model this small it is
+#   dominated by the PyTorch runtime itself, so it cannot tell the three runs apart here;
+#   `python -m trainers ablate memory` runs each in a fresh process to measure it per method.
 
 # %%
 def run(label, model, lr):
@@ -168,7 +167,7 @@ def run(label, model, lr):
     shipped = (sum(t.numel() * t.element_size() for t in lora_state_dict(model).values())
                if any("lora_" in n for n, _ in model.named_parameters())
                else sum(p.numel() * p.element_size() for p in model.parameters()))
-    row = {"label": label, metric: result.metrics[metric], "state_bytes": state_bytes(model),
+    row = {"label": label, metric: result.metrics[metric], "state_bytes": result.metrics["state_bytes"],
            "trainable": result.metrics["trainable_params"], "shipped_bytes": shipped,
            "time_s": result.metrics["train_time_s"], "curve": [r["loss"] for r in result.loss_log]}
     print(f"{label:18s} {metric} {row[metric]:9.4f}   state {row['state_bytes']:>10,} B   "
@@ -185,7 +184,8 @@ rows = [run("full fine-tuning", full, lr_full),
         run("LoRA r=8", lora_model, lr_adapter),
         run("QLoRA r=8 (NF4)", qmodel, lr_adapter)]
 rss, kind = peak_memory(torch.device("cpu"))
-print(f"\npeak RSS of this whole process: {rss / 2 ** 20:.0f} MiB ({kind})")
+print(f"\npeak RSS (since the last run started on Linux; of the whole process elsewhere): "
+      f"{rss / 2 ** 20:.0f} MiB ({kind})")
 print(f"before fine-tuning: base {quality['base (float32)']:.4f}, NF4 base {quality['base (NF4)']:.4f}")
 
 # %% [markdown]

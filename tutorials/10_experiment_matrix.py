@@ -130,10 +130,13 @@ print(f"files of {run_dirs[0].name}:", sorted(p.name for p in run_dirs[0].iterdi
 #   storage of its initial r = 12: pruned triplets are masked to zero, not removed, so its active
 #   rank (in all_results.json below) is what its budget is about.
 # - `adapter_bytes`: the bytes of the trainable tensors, i.e. what you save and ship.
-# - `peak_memory_bytes`, `peak_memory_kind`: on a GPU the allocator's peak for the run; on the CPU
-#   the process's peak resident set size, which only grows within a process. In a matrix run in one
-#   process it therefore reads "the largest so far", not the run's own; use
-#   `python -m trainers ablate memory` (one process per run) to compare memory on the CPU.
+# - `peak_memory_mib` (and `_bytes`, `_kind`): on a GPU the allocator's peak for the run; on the
+#   CPU the peak resident set size, runtime included. Each run of a matrix runs in its own process
+#   (`RunSettings.isolate`), so the peak is that run's own, not "the largest so far".
+# - `state_mib` (and `_bytes`): the training state counted exactly: weights as stored (packed for
+#   a 4-bit base), gradients and AdamW's moments; it separates the methods where the runtime hides them.
+# - `inference_*`: inference speed (tokens/s of greedy generation here), at batch 1 and batched,
+#   adapters unmerged and merged: a separate number from the training throughput below.
 # - `wall_time_s`, `tokens_per_s`: speed of the training loop (SADRA's Hutchinson calibration runs
 #   before the loop and is not included). The 4-bit runs pay for dequantizing weights on the fly,
 #   but on a model this small and a run this short other load on the machine can hide that: compare
