@@ -236,8 +236,11 @@ def test_matrix_cells_do_not_inherit_earlier_peaks(tmp_path, capsys, shared_data
              "--inference-iters", "1"]
     assert cli.main(["matrix", "--tasks", "sst2", "--configs", "Full-FT,B-FP", "--results", str(tmp_path),
                      "--targets", "c_attn,mlp.c_fc", *flags]) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "[1/2] sst2__Full-FT" in err and "[2/2] sst2__B-FP" in err           # a line per finished run
+    assert f"figure: {tmp_path / 'loss_curves.png'}" in captured.out          # the matrix draws its figures
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
     for name in ("sst2__Full-FT", "sst2__B-FP"):
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert metrics["peak_memory_kind"] == "cpu_peak_rss" and metrics["peak_memory_bytes"] < parent - 300 * MIB
