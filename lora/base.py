@@ -205,7 +205,7 @@ class LowRankAdapter(AdapterLayer):
         Autograd caveat: a graph built before the resize (say last step's `loss`,
         still referenced) remembers the old shapes, and a later backward through
         these Parameters then fails. Drop such references first, or resize during
-        training with `allocation.controller.resize_with_state`, which also moves
+        training with `allocation.resize.resize_with_state`, which also moves
         the optimizer state and re-registers fresh Parameters.
         """
         self._check_resizable(new_rank)
