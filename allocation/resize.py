@@ -171,4 +171,3 @@ def restore_layer(layer: nn.Module, snap: dict, optimizer=None) -> None:
             owner._buffers[attr] = obj
     for key, value in snap["attrs"].items():
         setattr(layer, key, value)
-

@@ -59,4 +59,3 @@ def check_base(base_layer, who: str) -> None:
         raise TypeError(f"{who}: base_layer must be an nn.Linear, a Conv1D (nx, nf, weight (nx, nf)) or a "
                         f"Linear-like quantized layer (in_features, out_features, dequantize()), "
                         f"got {type(base_layer).__name__}")
-

@@ -72,4 +72,3 @@ def resized_low_rank(A: Tensor, B: Tensor, new_rank: int) -> tuple[Tensor, Tenso
     if kept < new_rank:               # pad as when growing: the extra directions start at zero
         return resized_low_rank(A_new, B_new, new_rank)
     return A_new, B_new
-

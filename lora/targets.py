@@ -148,4 +148,3 @@ def find_modules_to_save(model: nn.Module, names: Sequence[str], *, strict: bool
             raise ValueError(f"modules_to_save: {name!r} holds the adapter (or target) {inner[0]!r}; a module "
                              f"trained and saved in full cannot also hold adapters")
     return found
-
