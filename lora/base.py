@@ -4,17 +4,12 @@ An adapter wraps a frozen base layer and adds a trainable correction
 
     y = base_layer(x) + delta(x)
 
-The base may be an `nn.Linear`, a quantized Linear-like layer (anything with
-`in_features`, `out_features` and `dequantize()`) or a transformers `Conv1D` (Hugging
-Face GPT-2's projections: y = x W + b with W stored (in, out)); the adapter only
-calls `base_layer(x)` and, when it needs W0, `base_weight(base_layer)`.
-
-Weight layout, in one place: every adapter works with W0 as (out, in), whatever the
-base stores. `weight_layout(base)` tells "out_in" (nn.Linear, dequantize()) from
-"in_out" (Conv1D, PEFT's `fan_in_fan_out=True`), and `base_weight` returns, for the
-latter, the transposed VIEW `weight.t()`: no copy, and an in-place write into it
-(merge, unmerge, PiSSA's residual) lands in the base's own (in, out) storage. The
-factors keep their shapes, `lora_A` (r, in) and `lora_B` (out, r), as in PEFT.
+The base may be an `nn.Linear`, a quantized Linear-like layer or a transformers
+`Conv1D`; lora/layout.py says which layers qualify and how W0 is read as (out, in)
+whatever the base stores. The argument checks live in lora/checks.py, the low-rank
+math (scaling, SVD of B @ A, resizing the factors) in lora/low_rank.py; this file
+holds the two classes built on them, and re-exports those names, which other
+modules import from here.
 
 Dtypes: the adapter's parameters have their own dtype (by default the base
 weight's). The delta is computed in that dtype and the sum is returned in the
@@ -30,12 +25,16 @@ factor); carried-over Adam moments for B are then off by the same constant facto
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from lora.checks import (check_alpha, check_base, check_dropout, check_dtype, check_finite,  # noqa: F401
+                         check_flag, check_rank)
+from lora.layout import (base_weight, in_out_features, is_conv1d, is_linear_like, is_quantized,  # noqa: F401
+                         module_device, weight_layout)
+from lora.low_rank import (kaiming_rows_, lora_scaling, product_svd, resized_low_rank,  # noqa: F401
+                           work_dtype)
 
 QUANTIZED_MERGE_ERROR = (
     "merge into a quantized base: the base layer {kind} stores packed low-bit weights, so an in-place "
@@ -43,169 +42,6 @@ QUANTIZED_MERGE_ERROR = (
     "adapter by a plain nn.Linear holding the dequantized W + delta W), then "
     "quantization.requantize_merged(model, bits) "
     "to build a new quantized layer from the merged weight")
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """A transformers-style `Conv1D` (GPT-2): int `nx` (in) and `nf` (out) and a weight (nx, nf).
-
-    Duck typing, so lora never imports transformers (quantization.layers has the same rule)."""
-    nx, nf, weight = getattr(module, "nx", None), getattr(module, "nf", None), getattr(module, "weight", None)
-    return (not isinstance(module, nn.Linear) and isinstance(nx, int) and isinstance(nf, int)
-            and isinstance(weight, Tensor) and tuple(weight.shape) == (nx, nf))
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """An `nn.Linear`, a Conv1D (see `is_conv1d`), or a quantized stand-in
-    (in_features, out_features, dequantize())."""
-    if isinstance(module, nn.Linear) or is_conv1d(module):
-        return True
-    return (hasattr(module, "in_features") and hasattr(module, "out_features")
-            and callable(getattr(module, "dequantize", None)))
-
-
-def is_quantized(module: nn.Module) -> bool:
-    return not isinstance(module, nn.Linear) and callable(getattr(module, "dequantize", None))
-
-
-def weight_layout(base: nn.Module) -> str:
-    """"in_out" for a Conv1D (weight stored (in, out), PEFT's fan_in_fan_out), else "out_in"."""
-    return "in_out" if is_conv1d(base) else "out_in"
-
-
-def in_out_features(base: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear-like base (a Conv1D's nx, nf)."""
-    if is_conv1d(base):
-        return int(base.nx), int(base.nf)
-    return int(base.in_features), int(base.out_features)
-
-
-def base_weight(base: nn.Module) -> Tensor:
-    """The (out, in) weight of a base layer: `base.dequantize()` for quantized layers, a
-    Conv1D's `weight.t()` (a view of its (in, out) storage, no copy), else `base.weight`."""
-    if is_quantized(base):
-        return base.dequantize()
-    weight = getattr(base, "weight", None)
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"base_weight: expected an nn.Linear, a Conv1D or a layer with dequantize(), "
-                        f"got {type(base).__name__} without a weight tensor")
-    return weight.t() if weight_layout(base) == "in_out" else weight
-
-
-def module_device(module: nn.Module) -> torch.device:
-    """Where a module lives: its first parameter's device, else its first buffer's (a fully
-    quantized model can hold only buffers), else the CPU for a module with no tensors."""
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-# --- argument checks: each names who asks, the argument, what is expected and what was given ------
-def check_rank(rank, who: str = "adapter") -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"{who}: rank must be a positive int, got {rank!r}")
-    return rank
-
-
-def check_alpha(alpha, what: str):
-    """`what` ("LoRALinear: alpha", "LoraConfig.lora_alpha") must be a finite number > 0."""
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"{what} must be a finite number > 0, got {alpha!r}")
-    return alpha
-
-
-def check_dropout(p, what: str) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{what} must be in [0, 1), got {p!r}")
-    return float(p)
-
-
-def check_flag(value, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{what} must be True or False, got {value!r}")
-    return value
-
-
-def check_dtype(dtype, who: str) -> None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"{who}: dtype must be None or a floating-point torch.dtype, got {dtype!r}")
-
-
-def check_finite(t: Tensor, what: str) -> None:
-    """Refuse a tensor holding NaN or +-inf, naming it, how many and the first position."""
-    bad = ~torch.isfinite(t.detach())
-    if bad.any():
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{what} has {int(bad.sum())} non-finite entries of {t.numel()} "
-                         f"(first at index {first}: {t[first].item()})")
-
-
-def check_base(base_layer, who: str) -> None:
-    if not isinstance(base_layer, nn.Module) or not is_linear_like(base_layer):
-        raise TypeError(f"{who}: base_layer must be an nn.Linear, a Conv1D (nx, nf, weight (nx, nf)) or a "
-                        f"Linear-like quantized layer (in_features, out_features, dequantize()), "
-                        f"got {type(base_layer).__name__}")
-
-
-def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
-    """alpha / r (Hu et al. 2021), or alpha / sqrt(r) for rsLoRA (Kalajdzievski 2023)."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-def work_dtype(t: Tensor) -> torch.dtype:
-    """Where rescales and SVDs of factors run: float32 for 16/32-bit tensors, float64 stays float64."""
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def kaiming_rows_(A: Tensor) -> Tensor:
-    """LoRA's A init: kaiming-uniform(a=sqrt(5)) as nn.Linear does (bound 1/sqrt(in))."""
-    return nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-
-
-@torch.no_grad()
-def product_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of B @ A, B (out, r), A (r, in), without forming the (out, in) product.
-
-    With B = Qb Rb and A^T = Qa Ra (reduced QR), B A = Qb (Rb Ra^T) Qa^T, so the SVD
-    of the small core Rb Ra^T = U' S V'^T gives B A = (Qb U') S (Qa V')^T: a QR of each
-    factor and an (r, r) SVD instead of an SVD of the full (out, in) matrix (a 768x768
-    shrink: ~0.4 ms instead of ~300 ms). Runs in float32 (float64 for float64 factors).
-    """
-    work = work_dtype(A)
-    Qb, Rb = torch.linalg.qr(B.to(work))                                          # (out, p), (p, r)
-    Qa, Ra = torch.linalg.qr(A.to(work).t())                                      # (in, q), (q, r)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.t(), full_matrices=False)                 # (p, q) core
-    return Qb @ U, S, Vh @ Qa.t()                                                 # (out, m), (m,), (m, in)
-
-
-def resized_low_rank(A: Tensor, B: Tensor, new_rank: int) -> tuple[Tensor, Tensor]:
-    """New factors (A', B') of rank `new_rank` for the product B @ A.
-
-    A (r, in), B (out, r). Growing keeps A[:r] and B[:, :r] as they are, appends
-    kaiming-uniform rows to A and zero columns to B, so B' @ A' == B @ A exactly.
-    Shrinking takes the truncated SVD B @ A = U S V^T and splits it evenly,
-    B' = U_k sqrt(S_k), A' = sqrt(S_k) V_k^T: the best rank-k approximation
-    (Eckart-Young), exact when rank(B @ A) <= k (computed by `product_svd`).
-    """
-    check_rank(new_rank, "resize")
-    r, d_in = A.shape
-    if new_rank == r:
-        return A.clone(), B.clone()
-    if new_rank > r:
-        new_rows = kaiming_rows_(torch.empty(new_rank - r, d_in, dtype=torch.float32, device=A.device))
-        A_new = torch.cat([A, new_rows.to(A.dtype)], dim=0)                       # (k, in)
-        B_new = torch.cat([B, B.new_zeros(B.shape[0], new_rank - r)], dim=1)      # (out, k)
-        return A_new, B_new
-    U, S, Vh = product_svd(B, A)
-    kept = min(new_rank, S.numel())   # the product has at most min(out, in) directions
-    root = S[:kept].sqrt()
-    B_new = U[:, :kept] * root                                                    # (out, kept)
-    A_new = root[:, None] * Vh[:kept]                                             # (kept, in)
-    A_new, B_new = A_new.to(A.dtype), B_new.to(B.dtype)
-    if kept < new_rank:               # pad as when growing: the extra directions start at zero
-        return resized_low_rank(A_new, B_new, new_rank)
-    return A_new, B_new
 
 
 def _set_data(*pairs: tuple[nn.Parameter, Tensor]) -> None:
@@ -369,7 +205,7 @@ class LowRankAdapter(AdapterLayer):
         Autograd caveat: a graph built before the resize (say last step's `loss`,
         still referenced) remembers the old shapes, and a later backward through
         these Parameters then fails. Drop such references first, or resize during
-        training with `allocation.controller.resize_with_state`, which also moves
+        training with `allocation.resize.resize_with_state`, which also moves
         the optimizer state and re-registers fresh Parameters.
         """
         self._check_resizable(new_rank)

@@ -1,4 +1,4 @@
-"""Model surgery: put adapters on the Linear layers of any nn.Module, count, merge, unmerge.
+"""Model surgery: put adapters on the Linear layers of any nn.Module.
 
     model = add_lora_to_model(model, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
 
@@ -12,27 +12,29 @@ Linear-like = `nn.Linear`, a transformers `Conv1D` (Hugging Face GPT-2's `c_attn
 `lora.base.base_weight`, so none needs to know), or a quantized stand-in with
 `in_features`, `out_features` and `dequantize()` (lora imports neither transformers
 nor quantization: duck typing).
+
+Finding the targets: lora/targets.py; what trains and counting: lora/trainable.py (both
+re-exported here, where the rest of the project imports them from).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Sequence
 
-import torch
 import torch.nn as nn
 
-from lora.base import AdapterLayer, is_linear_like
-from lora.config import (BIASES, DEFAULT_ADAPTER, METHODS, OUTPUT_LAYER_NAMES, IA3Config, LoraConfig,  # noqa: F401
-                         _compile, adapter_set, make_config, name_matches, pattern_value, remember_config,
-                         saved_name_matches)
-from lora.multi import MultiAdapterLinear
+from lora.base import AdapterLayer
+from lora.config import (METHODS, IA3Config, LoraConfig, make_config, name_matches, pattern_value,
+                         remember_config)
 from lora.dora import DoRALinear
 from lora.hira import HiRALinear
 from lora.ia3 import IA3Linear
 from lora.layers import LoRALinear
 from lora.sparse import SparseLoRALinear
 from lora.svd import SVDLoRALinear
+from lora.targets import (CONTAINERS, adapter_layers, adapter_names, find_modules_to_save,  # noqa: F401
+                          find_targets, modules_outside_adapters)
+from lora.trainable import count_parameters, lora_state_dict, mark_only_lora_as_trainable, restore_flags  # noqa: F401
 
 # Method name -> adapter class. "adalora" is AdaLoRA's SVD form P Λ Q (lora/svd.py).
 ADAPTER_CLASSES: dict[str, type] = {
@@ -43,109 +45,6 @@ ADAPTER_CLASSES: dict[str, type] = {
     "adalora": SVDLoRALinear,
 }
 assert tuple(ADAPTER_CLASSES) == METHODS, "lora.config.METHODS must list ADAPTER_CLASSES' keys"
-
-
-# --- finding modules -------------------------------------------------------------------------
-# What holds adapters: a single adapter layer, or the container of named ones (lora/multi.py).
-CONTAINERS = (AdapterLayer, MultiAdapterLinear)
-
-
-def adapter_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str, AdapterLayer]]:
-    """Every adapter layer of the ACTIVE adapter (or of the one named `adapter`), (dotted name of
-    the adapted module, layer), in module order. With one adapter these are the model's adapter
-    layers; with several, the entries of each MultiAdapterLinear under that name, listed under the
-    container's name (so file keys and allocators see the same names as with one adapter)."""
-    single = adapter is None or adapter in adapter_names(model)[:1]
-    result = []
-    for name, module in modules_outside_adapters(model):
-        if isinstance(module, MultiAdapterLinear):
-            key = adapter or module.active
-            if key in module.adapters:
-                result.append((name, module.adapters[key]))
-        elif isinstance(module, AdapterLayer) and single:
-            result.append((name, module))
-    return result
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """The names of the model's adapters, in the order they were added ([] without adapters);
-    an adapter added without a name is "default"."""
-    record = adapter_set(model)
-    if record is not None:
-        return list(record.configs)
-    has = any(isinstance(m, CONTAINERS) for m in model.modules())
-    return [DEFAULT_ADAPTER] if has else []
-
-
-def modules_outside_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """named_modules() without anything inside an adapter (its base_layer, dropout, ...) or inside
-    a MultiAdapterLinear."""
-    inside: list[str] = []
-    result = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + "." if prefix else "") for prefix in inside):
-            continue
-        if isinstance(module, CONTAINERS):
-            inside.append(name)
-        result.append((name, module))
-    return result
-
-
-def _candidates_message(modules: list[tuple[str, nn.Module]]) -> str:
-    names = [n for n, m in modules if n and (is_linear_like(m) or isinstance(m, CONTAINERS))]
-    if not names:
-        return "the model has no Linear-like modules"
-    short = sorted({n.rsplit(".", 1)[-1] for n in names})
-    shown = names if len(names) <= 12 else names[:12] + [f"... ({len(names) - 12} more)"]
-    return f"Linear-like module names: {short}; full names: {shown}"
-
-
-def find_targets(model: nn.Module, config: LoraConfig, adapted_ok: bool = False) -> list[str]:
-    """Dotted names of the modules `config.target_modules` selects (rules: lora/config.py).
-    A module that already holds adapters is refused, unless `adapted_ok` (adding a named adapter:
-    lora.named), where it stands for its base layer."""
-    modules = modules_outside_adapters(model)
-    if adapted_ok:
-        modules = [(n, m.base_layer if isinstance(m, CONTAINERS) else m) for n, m in modules]
-    saved = config.modules_to_save
-
-    def excluded(name: str) -> bool:
-        return any(saved_name_matches(name, m) for m in saved)
-
-    targets = config.target_modules
-    if targets == "all-linear":
-        chosen = [n for n, m in modules if n and is_linear_like(m) and not excluded(n)
-                  and n.rsplit(".", 1)[-1] not in OUTPUT_LAYER_NAMES]
-        if not chosen:
-            raise ValueError(f"add_lora_to_model: target_modules='all-linear' found no Linear-like layer "
-                             f"in {type(model).__name__}")
-    elif isinstance(targets, str):
-        regex = _compile(targets, "target_modules")
-        chosen = [n for n, _ in modules if n and regex.fullmatch(n) and not excluded(n)]
-        if not chosen:
-            raise ValueError(f"add_lora_to_model: target_modules regex {targets!r} matches no module "
-                             f"(it must match the whole dotted name). {_candidates_message(modules)}")
-    else:
-        chosen = []
-        for entry in targets:
-            hits = [n for n, _ in modules if n and name_matches(n, entry) and not excluded(n)]
-            if not hits:
-                raise ValueError(f"add_lora_to_model: target module {entry!r} matches no module "
-                                 f"(exact name or dotted suffix). {_candidates_message(modules)}")
-            chosen += [n for n in hits if n not in chosen]
-        order = {n: i for i, (n, _) in enumerate(modules)}
-        chosen.sort(key=order.__getitem__)
-    by_name = dict(modules)
-    for name in chosen:
-        module = by_name[name]
-        if isinstance(module, CONTAINERS):
-            raise ValueError(f"add_lora_to_model: {name!r} already has an adapter "
-                             f"({type(module).__name__}); use load_adapter or a fresh model")
-        if not is_linear_like(module):
-            raise TypeError(f"add_lora_to_model: target {name!r} is a {type(module).__name__}, not a "
-                            f"Linear-like layer (nn.Linear, Conv1D, or in_features/out_features/dequantize()). "
-                            f"{_candidates_message(modules)}")
-    return chosen
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -164,11 +63,6 @@ def swap_modules(model: nn.Module, replacements: list[tuple[str, nn.Module]]) ->
         for name, module in old:   # (putting back one that was never replaced changes nothing)
             _set_submodule(model, name, module)
         raise
-
-
-def restore_flags(flags: list[tuple[torch.Tensor, bool]]) -> None:
-    for p, flag in flags:
-        p.requires_grad_(flag)
 
 
 # --- surgery ---------------------------------------------------------------------------------
@@ -318,101 +212,3 @@ def check_patterns(config: LoraConfig, targets: list[str]) -> None:
                 shown = targets if len(targets) <= 12 else targets[:12] + [f"... ({len(targets) - 12} more)"]
                 raise ValueError(f"add_lora_to_model: {what} key {key!r} matches none of the adapted modules "
                                  f"(it must match the end of a name at a dot boundary); adapted modules: {shown}")
-
-
-def find_modules_to_save(model: nn.Module, names: Sequence[str], *, strict: bool = True,
-                         targets: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
-    """(name, module) for every module `names` selects: outside the adapters, its name ending with
-    an entry (PEFT's rule, `saved_name_matches`); top-most only, in module order (a module inside
-    a selected one is saved with it).
-
-    strict: an entry that selects nothing is an error (in add_lora_to_model a typo would leave
-    a head frozen); loading passes strict=False and ignores such entries, as PEFT does (its
-    sequence-classification configs list both "classifier" and "score"; a model has one).
-    A selected module must not hold an adapter (already in `model`, or one of `targets`):
-    it would be trained in full, base weights included, and saved twice."""
-    modules = [(n, m) for n, m in modules_outside_adapters(model) if n and not isinstance(m, CONTAINERS)]
-    chosen: set[str] = set()
-    for entry in names:
-        hits = {n for n, _ in modules if saved_name_matches(n, entry)}
-        if strict and not hits:
-            raise ValueError(f"modules_to_save: {entry!r} matches no module (a module is selected when its "
-                             f"name ends with the entry); module names: "
-                             f"{sorted({n.rsplit('.', 1)[-1] for n, _ in modules})}")
-        chosen |= hits
-    found = [(n, m) for n, m in modules if n in chosen and not any(n.startswith(c + ".") for c in chosen)]
-    adapted = [n for n, _ in adapter_layers(model)] + list(targets)
-    for name, _ in found:
-        inner = [a for a in adapted if a.startswith(name + ".")]
-        if inner:
-            raise ValueError(f"modules_to_save: {name!r} holds the adapter (or target) {inner[0]!r}; a module "
-                             f"trained and saved in full cannot also hold adapters")
-    return found
-
-
-def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
-    """Freeze everything but adapter parameters; bias="all" / "lora_only" also trains biases.
-    A model without adapters is refused (it would freeze every parameter)."""
-    if bias not in BIASES:
-        raise ValueError(f"mark_only_lora_as_trainable: bias must be one of {BIASES}, got {bias!r}")
-    if not adapter_layers(model):
-        raise ValueError(f"mark_only_lora_as_trainable: {type(model).__name__} has no adapter layers, so this "
-                         f"would freeze every parameter; add adapters first (lora.add_lora_to_model)")
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for _, layer in adapter_layers(model):
-            for p in layer.adapter_parameters():
-                p.requires_grad_(True)
-            if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
-                layer.base_layer.bias.requires_grad_(True)
-        if bias == "all":
-            for name, p in model.named_parameters():
-                if name == "bias" or name.endswith(".bias"):
-                    p.requires_grad_(True)
-    except BaseException:
-        restore_flags(flags)
-        raise
-    return model
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) with TRUE counts: a module with `true_param_count()` (a packed
-    quantized layer) counts that, not its storage; shared (tied) tensors count once."""
-    seen: set[int] = set()
-    trainable = total = 0
-
-    def visit(module: nn.Module) -> None:
-        nonlocal trainable, total
-        if callable(getattr(module, "true_param_count", None)):
-            fresh = [p for p in module.parameters() if id(p) not in seen]
-            seen.update(id(p) for p in module.parameters())
-            total += int(module.true_param_count())
-            trainable += sum(p.numel() for p in fresh if p.requires_grad)
-            return
-        for p in module.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-                trainable += p.numel() if p.requires_grad else 0
-        for child in module.children():
-            visit(child)
-
-    visit(model)
-    return trainable, total
-
-
-def lora_state_dict(model: nn.Module, modules_to_save: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-    """The adapter tensors (factors, magnitudes, masks: everything outside `base_layer`) by
-    their model state-dict names, plus the parameters of `modules_to_save`."""
-    state = {}
-    for name, layer in adapter_layers(model):
-        prefix = f"{name}." if name else ""
-        for key, tensor in layer.state_dict(keep_vars=True).items():
-            if not key.startswith("base_layer."):
-                state[prefix + key] = tensor.detach()
-    for name, module in find_modules_to_save(model, modules_to_save):
-        for key, p in module.named_parameters():
-            state[f"{name}.{key}"] = p.detach()
-    return state

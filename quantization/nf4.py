@@ -23,6 +23,9 @@ Approximations for Parallelism in Deep Learning", arXiv:1511.04561) and keep one
 float32 scale per 256 constants plus the mean:
 
     bits / parameter = 4 + 8/B + 32/(256 B)   (≈ 4.127 for B = 64; 4 + 32/B = 4.5 without)
+
+The code books: codebooks.py; checks, blocking, nibble packing and the 8-bit
+quantization of the constants: blockwise.py (re-exported here).
 """
 from __future__ import annotations
 
@@ -30,177 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCKSIZES = tuple(2 ** k for k in range(5, 13))  # 32 .. 4096
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DQ_BLOCKSIZE = 256  # QLoRA's block size for the second-level (absmax) quantization
-
-# ---------------------------------------------------------------------------------------------
-# The two code books, derived here rather than typed in.
-
-
-def nf4_levels() -> torch.Tensor:
-    """The 16 NF4 levels, sorted, float32, on the CPU (QLoRA §3, "4-bit NormalFloat").
-
-    Asymmetric construction: 8 positive quantiles of N(0,1) taken at evenly spaced
-    probabilities from δ' to 1/2 (the 1/2 point itself, i.e. 0, dropped), 7 negative
-    ones mirrored the same way with one fewer point, plus an exact 0; divide by the
-    largest so the range is [-1, 1].  δ' = 0.9677083 ≈ 1 - ½(1/30 + 1/32) is the
-    published offset.  The published table was computed with float32 probability
-    points, float64 quantiles and a float32 normalisation; doing the same roundings
-    reproduces it bit for bit.
-    """
-    offset = 0.9677083
-    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float32)[:-1].double())
-    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float32)[:-1].double())
-    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).float().sort().values
-    return levels / levels.max()                     # (16,) from -1 to 1
-
-
-def dynamic_map_signed() -> torch.Tensor:
-    """The signed dynamic 8-bit map (Dettmers 2015), 256 sorted float32 values in [-1, 1].
-
-    For each decade e = 0..6 (magnitudes 10^(e-6) .. 10^(e-5)), 2^e values split the
-    fraction range [0.1, 1] linearly (bin midpoints), once positive and once
-    negative: 2·(1+2+...+64) = 254 values; plus 0 and 1.  Small magnitudes get few,
-    widely spaced fractions; large ones get many.  Float32 roundings follow the
-    bitsandbytes table so that codes agree.
-    """
-    values = []
-    for e in range(7):
-        edges = torch.linspace(0.1, 1.0, 2 ** e + 1, dtype=torch.float32)
-        mids = (edges[:-1] + edges[1:]) / 2 * (10.0 ** (e - 6))   # float32 arithmetic
-        values += [mids, -mids]
-    values.append(torch.tensor([0.0, 1.0]))
-    return torch.cat(values).sort().values               # (256,)
-
-
-_TABLES: dict = {}
-
-
-def _table(kind: str, device: torch.device) -> torch.Tensor:
-    """Cached code books / lookup tables per device (built on the CPU, then moved)."""
-    key = (kind, device)
-    if key not in _TABLES:
-        if kind == "nf4":
-            t = nf4_levels()
-        elif kind == "nf4_mid":                           # the 15 decision boundaries
-            lv = nf4_levels()
-            t = (lv[:-1] + lv[1:]) / 2
-        elif kind == "nf4_pairs":                         # byte -> (level of high nibble, level of low)
-            lv = nf4_levels()
-            byte = torch.arange(256)
-            t = torch.stack([lv[byte >> 4], lv[byte & 15]], dim=1)   # (256, 2)
-        elif kind == "dyn8":
-            t = dynamic_map_signed()
-        elif kind == "dyn8_mid":
-            dm = dynamic_map_signed()
-            t = (dm[:-1] + dm[1:]) / 2
-        else:
-            raise KeyError(kind)
-        _TABLES[key] = t.to(device)
-    return _TABLES[key]
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks, blocking, packing.
-
-
-def check_float_tensor(x: torch.Tensor, what: str = "tensor") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{what}: expected a float32/float16/bfloat16 tensor, got dtype {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{what}: expected a non-empty tensor, got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x.abs().amax())):           # amax propagates NaN; one fast reduction
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{what}: contains {bad} NaN/inf value(s); cannot quantize non-finite weights")
-
-
-def check_blocksize(blocksize: int) -> None:
-    if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize: expected a power of two from 32 to 4096 {BLOCKSIZES}, got {blocksize!r}")
-
-
-def check_shape(shape, what: str) -> torch.Size:
-    """The original shape of a quantized tensor as a torch.Size of >= 1 element."""
-    try:
-        size = torch.Size(shape)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"{what}: shape must be a sequence of ints, got {shape!r}") from error
-    if size.numel() == 0:
-        raise ValueError(f"{what}: shape must hold at least one element, got {tuple(size)}")
-    return size
-
-
-def check_storage(what: str, t, dtypes: tuple, numel: int, why: str) -> None:
-    """A stored tensor of the right kind and element count (any layout: it is read flat)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        names = "/".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{what}: expected dtype {names}, got {t.dtype}")
-    if t.numel() != numel:
-        raise ValueError(f"{what}: expected {numel} element(s) ({why}), got {t.numel()} (shape {tuple(t.shape)})")
-
-
-def blockwise_absmax(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-major flatten, zero-pad to whole blocks, scale each block into [-1, 1].
-
-    Returns (scaled (nblocks, blocksize) float32, absmax (nblocks,) float32).
-    Zero padding never changes a block's absmax; padded entries are dropped later.
-    """
-    flat = x.reshape(-1).float()
-    n = flat.numel()
-    nblocks = -(-n // blocksize)
-    blocks = torch.nn.functional.pad(flat, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)                                   # (nblocks,)
-    # Multiply by the reciprocal, as bitsandbytes does (same codes); an all-zero block
-    # gets reciprocal 0 instead of inf.  Subnormal absmax would overflow 1/c: divide there.
-    tiny = torch.finfo(torch.float32).tiny
-    inv = torch.where(absmax >= tiny, 1.0 / absmax.clamp(min=tiny), torch.zeros_like(absmax))
-    scaled = blocks * inv[:, None]
-    sub = (absmax > 0) & (absmax < tiny)
-    if bool(sub.any()):
-        safe = torch.where(sub, absmax, torch.ones_like(absmax))
-        scaled = torch.where(sub[:, None], blocks / safe[:, None], scaled)
-    return scaled.clamp_(-1.0, 1.0), absmax
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """(n,) codes 0..15 -> (ceil(n/2),) uint8; element 2k in the high nibble, 2k+1 in the low."""
-    codes = codes.reshape(-1).to(torch.uint8)
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_zeros(1)])
-    return (codes[0::2] << 4) | codes[1::2]
-
-
-def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of pack_nibbles: (ceil(n/2),) uint8 -> (n,) uint8 codes."""
-    check_storage("unpack_nibbles packed", packed, (torch.uint8,), (n + 1) // 2, f"ceil({n} / 2) bytes")
-    pairs = torch.stack([packed >> 4, packed & 15], dim=1)             # (nbytes, 2)
-    return pairs.reshape(-1)[:n]
-
-
-# ---------------------------------------------------------------------------------------------
-# 8-bit dynamic blockwise quantization (used for the absmax constants).
-
-
-def quantize_dynamic8(x: torch.Tensor, blocksize: int = DQ_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (n,) float -> (codes (n,) uint8 indices into dynamic_map_signed(), scales (ceil(n/B),) float32)."""
-    scaled, scales = blockwise_absmax(x, blocksize)
-    codes = torch.bucketize(scaled.reshape(-1), _table("dyn8_mid", x.device), out_int32=True)
-    return codes[: x.numel()].to(torch.uint8), scales
-
-
-def dequantize_dynamic8(codes: torch.Tensor, scales: torch.Tensor, blocksize: int = DQ_BLOCKSIZE) -> torch.Tensor:
-    n = codes.numel()
-    check_storage("dequantize_dynamic8 scales", scales, FLOAT_DTYPES, -(-n // blocksize),
-                  f"one per block of {blocksize} of {n} codes")
-    values = _table("dyn8", codes.device).index_select(0, codes.to(torch.int32))
-    values = torch.nn.functional.pad(values, (0, scales.numel() * blocksize - n))
-    return (values.view(-1, blocksize) * scales[:, None]).reshape(-1)[:n]
-
+from .blockwise import (BLOCKSIZES, DQ_BLOCKSIZE, FLOAT_DTYPES, blockwise_absmax, check_blocksize,  # noqa: F401
+                        check_float_tensor, check_shape, check_storage, dequantize_dynamic8, pack_nibbles,
+                        quantize_dynamic8, unpack_nibbles)
+from .codebooks import _table, dynamic_map_signed, nf4_levels  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # The quantized tensor.

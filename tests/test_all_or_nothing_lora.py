@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lora.adapter_io as adapter_io
+import lora.adapter_load as adapter_load
+import lora.adapter_save as adapter_save
 import lora.files as lora_files
 import lora.base as lora_base
 import lora.model as lora_model
@@ -481,8 +483,8 @@ def test_load_failing_on_the_last_copy_changes_nothing(tmp_path, monkeypatch, me
         if len(calls) == count:
             raise RuntimeError("injected failure")
 
-    adapter_io_copy = adapter_io._copy_into
-    monkeypatch.setattr(adapter_io, "_copy_into", copy_into)
+    adapter_io_copy = adapter_load._copy_into
+    monkeypatch.setattr(adapter_load, "_copy_into", copy_into)
     with pytest.raises(RuntimeError, match="injected"):
         load_adapter(model, folder)
     assert len(calls) == count
@@ -504,7 +506,7 @@ def test_save_failing_on_the_second_file_keeps_the_old_pair(tmp_path, monkeypatc
     _, folder = _saved(tmp_path)
     before = snapshot_files(folder)
     newer = with_adapters(seed=7)
-    monkeypatch.setattr(adapter_io, "_write_config", lambda text, tmp: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(adapter_save, "_write_config", lambda text, tmp: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         save_adapter(newer, folder)
     assert_files_unchanged(before, folder)          # no temporary left behind either
@@ -550,7 +552,7 @@ def test_save_refuses_non_finite_adapters_and_leaves_no_folder(tmp_path):
 
 
 def test_a_failed_save_into_a_new_folder_removes_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(adapter_io, "_write_config", lambda text, tmp: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(adapter_save, "_write_config", lambda text, tmp: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         save_adapter(with_adapters(), tmp_path / "a" / "b")
     assert snapshot_files(tmp_path) == {} and not (tmp_path / "a").exists()

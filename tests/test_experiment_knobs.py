@@ -132,11 +132,12 @@ def test_adalora_schedule_and_controller_knobs_reach_the_allocators():
 
 
 def test_lr_scale_and_the_choices_are_in_config_json(tmp_path):
-    run(tmp_path, "h", dataclasses.replace(CONFIGS["HiRA"], lr_scale=10.0), steps=3)
+    assert CONFIGS["HiRA"].lr_scale == 10.0                                     # the recipe
+    run(tmp_path, "h", dataclasses.replace(CONFIGS["HiRA"], lr_scale=3.0), steps=3)
     config = json.loads((tmp_path / "h" / "config.json").read_text())
-    assert config["train"]["lr"] == pytest.approx(0.1) and config["experiment"]["lr_scale"] == 10.0
+    assert config["train"]["lr"] == pytest.approx(0.03) and config["experiment"]["lr_scale"] == 3.0
     with open(tmp_path / "h" / "loss_log.csv") as f:
-        assert max(float(line.split(",")[2]) for line in list(f)[1:]) == pytest.approx(0.1)
+        assert max(float(line.split(",")[2]) for line in list(f)[1:]) == pytest.approx(0.03)
     assert config["used"]["allocator"]["type"] == "NullAllocator"
     assert all(a["type"] == "HiRALinear" and a["rank"] == 8 for a in config["used"]["adapters"].values())
 
@@ -235,8 +236,11 @@ def test_matrix_cells_do_not_inherit_earlier_peaks(tmp_path, capsys, shared_data
              "--inference-iters", "1"]
     assert cli.main(["matrix", "--tasks", "sst2", "--configs", "Full-FT,B-FP", "--results", str(tmp_path),
                      "--targets", "c_attn,mlp.c_fc", *flags]) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "[1/2] sst2__Full-FT" in err and "[2/2] sst2__B-FP" in err           # a line per finished run
+    assert f"figure: {tmp_path / 'loss_curves.png'}" in captured.out          # the matrix draws its figures
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
     for name in ("sst2__Full-FT", "sst2__B-FP"):
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert metrics["peak_memory_kind"] == "cpu_peak_rss" and metrics["peak_memory_bytes"] < parent - 300 * MIB

@@ -233,21 +233,21 @@ def test_load_adapter_adds_a_named_adapter_beside_the_others(tmp_path):
 
 
 def test_a_failing_save_adapters_leaves_the_folders(tmp_path, monkeypatch):
-    import lora.adapter_io as adapter_io
+    import lora.adapter_save as adapter_save
     model = three_adapters()
     save_adapters(model, tmp_path)
     before = snapshot_files(tmp_path)
     set_adapter(model, "b")
     perturb(model, seed=9)
     calls = []
-    real = adapter_io._write_config
+    real = adapter_save._write_config
 
     def write_config(text, tmp):
         calls.append(tmp)
         if len(calls) == 3:
             raise OSError("disk full")
         real(text, tmp)
-    monkeypatch.setattr(adapter_io, "_write_config", write_config)
+    monkeypatch.setattr(adapter_save, "_write_config", write_config)
     with pytest.raises(OSError, match="disk full"):
         save_adapters(model, tmp_path)
     assert_files_unchanged(before, tmp_path)

@@ -134,12 +134,12 @@ def _note_overwrite(out_dir: Path) -> None:
               f"if the new run fails", file=sys.stderr)
 
 
-def _draw(run_dir: Path) -> list[Path]:
-    """The run's own figures (loss curve; rank heatmap for adaptive methods); none, with a note,
-    when matplotlib is not installed."""
+def _draw(folder: Path) -> list[Path]:
+    """The figures of a run folder (loss curve; rank heatmap for adaptive methods) or of a results
+    root (a loss panel per task, every run's heatmap); none, with a note, without matplotlib."""
     try:
-        from trainers.plots import draw_run          # issue 15: trainers/plots.py (branch i15-plots) adds it
-        return list(draw_run(run_dir))
+        from trainers.plots import redraw            # a run folder: plots.draw_run; a root: every figure
+        return list(redraw(folder))
     except ImportError as err:
         print(f"note: no figures drawn ({_one_line(err)})", file=sys.stderr)
         return []
@@ -196,7 +196,9 @@ def _main(argv: list[str]) -> int:
         except RuntimeError as err:       # some runs failed; the others and the summary are written
             print(f"error: {err}", file=sys.stderr)
             return 1
-        print(f"{len(rows)} runs; summary: {args.results / 'experiment_summary.csv'}")
+        figures = _draw(args.results)
+        print(f"{len(rows)} runs; summary: {args.results / 'experiment_summary.csv'}"
+              + "".join(f"\nfigure: {p}" for p in figures))
     elif args.command == "ablate":
         from trainers import ablations
         return ablations.main([args.kind, *args.rest])

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from lora import DoRALinear, HiRALinear, LoRALinear, add_lora_to_model, count_parameters
+from trainers.configs import CONFIGS
 from trainers.notebook import FAST, fast, pyplot, save_figure, stories_or_planted
 from trainers.train import TrainConfig, train
 
@@ -180,8 +181,10 @@ base_model, batches, evaluate, batch_size, lr, target_modules, key, what = (
 
 task_curves, held_out = {}, {}
 print(f"before training: held-out {key} {evaluate(base_model)[key]:.4f}")
+HIRA_SCALE = CONFIGS["HiRA"].lr_scale     # the library's HiRA recipe: lr x this (one source of truth)
+HIRA_TUNED = f"HiRA, lr x {HIRA_SCALE:g}"
 for label, method, run_lr in (("LoRA", "lora", lr), ("HiRA", "hira", lr), ("DoRA", "dora", lr),
-                              ("HiRA, lr x 10", "hira", 10 * lr)):
+                              (HIRA_TUNED, "hira", HIRA_SCALE * lr)):
     model = add_lora_to_model(copy.deepcopy(base_model), method=method, r=8, lora_alpha=16,
                               target_modules=target_modules)
     result = train(model, batches, TrainConfig(steps=steps, batch_size=batch_size, lr=run_lr, seed=0,
@@ -203,7 +206,7 @@ for label, method, run_lr in (("LoRA", "lora", lr), ("HiRA", "hira", lr), ("DoRA
 
 # %%
 assert held_out["HiRA"] > held_out["LoRA"], held_out                  # slow at LoRA's learning rate
-assert held_out["HiRA, lr x 10"] < held_out["HiRA"], held_out         # the larger one helps
+assert held_out[HIRA_TUNED] < held_out["HiRA"], held_out         # the larger one helps
 
 # %%
 plt = pyplot()
@@ -250,5 +253,5 @@ save_figure(fig, "05_hira_dora_lora")
 
 # %%
 if bench.planted_ranks is None:                                       # the real task
-    tuned = [held_out[label] for label in ("LoRA", "DoRA", "HiRA, lr x 10")]
+    tuned = [held_out[label] for label in ("LoRA", "DoRA", HIRA_TUNED)]
     assert max(tuned) < 1.05 * min(tuned), held_out
