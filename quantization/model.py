@@ -169,6 +169,19 @@ def warn_left_in_float(model: nn.Module, left: list[str], where: str = "quantize
         warnings.warn(f"{where}: left in float: {', '.join(left)}{note}")
 
 
+def quantize_layer(linear: nn.Module, bits: int, *, compute_dtype: torch.dtype | None = None, blocksize: int = 64,
+                   double_quant: bool = True, who: str = "quantize_layer") -> nn.Module:
+    """A Linear4bit (NF4) or Linear8bit built from an nn.Linear / Conv1D; errors are prefixed with `who`.
+    The one place both quantize_model and the streamed loader (quantization/stream.py) quantize a layer."""
+    try:
+        if bits == 4:
+            return Linear4bit.from_linear(linear, compute_dtype=compute_dtype, blocksize=blocksize,
+                                          double_quant=double_quant)
+        return Linear8bit.from_linear(linear, compute_dtype=compute_dtype)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{who}: {e}") from e
+
+
 def apply_plan(model: nn.Module, plan: dict[str, int], compute_dtype: torch.dtype | None = None,
                blocksize: int = 64, double_quant: bool = True) -> None:
     """Swap each nn.Linear / Conv1D named in `plan` for its quantized version.  All layers are built
@@ -176,15 +189,9 @@ def apply_plan(model: nn.Module, plan: dict[str, int], compute_dtype: torch.dtyp
     built = {}
     for name, b in plan.items():
         linear = model.get_submodule(name)
-        try:
-            if b == 4:
-                new = Linear4bit.from_linear(linear, compute_dtype=compute_dtype, blocksize=blocksize,
-                                             double_quant=double_quant)
-            else:
-                new = Linear8bit.from_linear(linear, compute_dtype=compute_dtype)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"quantize_model: layer {name!r}: {e}") from e
-        built[name] = new.to(linear.weight.device)
+        built[name] = quantize_layer(linear, b, compute_dtype=compute_dtype, blocksize=blocksize,
+                                     double_quant=double_quant, who=f"quantize_model: layer {name!r}"
+                                     ).to(linear.weight.device)
     for name, new in built.items():
         replace_module(model, name, new)
 

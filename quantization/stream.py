@@ -36,8 +36,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .layers import Linear4bit, Linear8bit, is_conv1d
-from .model import plan_quantization, replace_module, resolve_bits, warn_left_in_float
+from .layers import is_conv1d
+from .model import plan_quantization, quantize_layer, replace_module, resolve_bits, warn_left_in_float
 
 
 @dataclass(frozen=True)
@@ -198,14 +198,8 @@ def _quantized(name: str, module: nn.Module, bits: int, weight: torch.Tensor, bi
     stand_in.weight = nn.Parameter(w, requires_grad=False)
     if bias is not None:
         stand_in.bias = nn.Parameter(bias, requires_grad=False)
-    try:
-        if bits == 4:
-            layer = Linear4bit.from_linear(stand_in, compute_dtype=compute_dtype, blocksize=blocksize,
-                                           double_quant=double_quant)
-        else:
-            layer = Linear8bit.from_linear(stand_in, compute_dtype=compute_dtype)
-    except (ValueError, TypeError) as error:
-        raise type(error)(f"fill_quantized: layer {name!r} ({where}): {error}") from error
+    layer = quantize_layer(stand_in, bits, compute_dtype=compute_dtype, blocksize=blocksize,
+                           double_quant=double_quant, who=f"fill_quantized: layer {name!r} ({where})")
     return layer.to(weight.device)
 
 
