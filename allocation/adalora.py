@@ -11,6 +11,9 @@ Importance of one trainable entry w, every step (paper eqs. 8-10):
     Ū_t   = β2 Ū_{t-1} + (1 - β2) |I_t - Ī_t|           uncertainty
     s_t   = Ī_t * Ū_t
 
+Under several processes I_t is passed through `reduce` (the all-reduce mean, set by the
+trainer; allocation/allocator.py) before the EMAs, so every rank masks the same triplets.
+
 Score of a triplet (eq. 11): S_k,i = s(λ_k,i) + mean_j s(P_k,ji) + mean_j s(Q_k,ij).
 
 Total budget b(t) = number of active triplets over all layers (eq. 12), cubic:
@@ -37,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from allocation.allocator import check_stepped
+from allocation.allocator import check_stepped, no_reduce
 from lora.svd import SVDLoRALinear
 
 
@@ -114,6 +117,7 @@ class AdaLoRAAllocator:
         self.n_steps = 0
         self.frozen = False
         self.n_skipped, self.last_skipped = 0, []
+        self.reduce = no_reduce                    # all-reduce mean under several processes (allocator.py)
         self.rank_history = [{"step": 0, "ranks": self.ranks()}]
 
     def _check_total_steps(self, total_steps) -> int:
@@ -145,6 +149,10 @@ class AdaLoRAAllocator:
                     continue
                 cur = (p.detach() * p.grad.detach()).abs()                     # I_t
                 sens[f"{name}.{pname}"] = cur.to(torch.promote_types(cur.dtype, torch.float32))   # bf16 -> fp32
+        if sens and self.reduce is not no_reduce:    # one collective for all: every rank scores the same I_t
+            flat = self.reduce(torch.cat([cur.flatten().double() for cur in sens.values()]))
+            parts = flat.split([cur.numel() for cur in sens.values()])
+            sens = {key: part.view_as(cur).to(cur.dtype) for (key, cur), part in zip(sens.items(), parts)}
         bad = [key for key, cur in sens.items() if not bool(torch.isfinite(cur).all())]
         if bad:
             self.n_skipped += 1

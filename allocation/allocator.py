@@ -11,6 +11,11 @@ One small class per method, all with the same methods, called by the loop in thi
     allocator.finish(total_steps)                      # raises if an adaptive allocator never ran
 
 `rank_history` is a list of {"step": int, "ranks": {layer name: rank}} for heatmaps.
+
+`reduce` (default `no_reduce`) is applied to every statistic an allocator decides from
+before it decides. Under several processes (trainers/distributed.py) the trainer sets it
+to the all-reduce mean, so every rank makes the same rank and mask decisions; allocation
+never imports trainers, and a single process is unchanged.
 An adaptive method whose allocator was never stepped would silently train as
 plain LoRA; `finish` turns that into an error.
 """
@@ -25,6 +30,11 @@ def current_ranks(layers) -> dict[str, int]:
     return {name: int(layer.rank) for name, layer in layers}
 
 
+def no_reduce(tensor):
+    """The single-process `reduce`: the statistic as it is."""
+    return tensor
+
+
 class NeverSteppedError(RuntimeError):
     pass
 
@@ -36,6 +46,7 @@ class NullAllocator:
 
     def __init__(self, model: nn.Module | None = None):
         self.rank_history: list[dict] = []
+        self.reduce = no_reduce
         if model is not None:
             self.rank_history.append({"step": 0, "ranks": current_ranks(adapter_layers(model))})
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from allocation.allocator import check_stepped, current_ranks
+from allocation.allocator import check_stepped, current_ranks, no_reduce
 from allocation.budget import adapter_params, training_bytes
 from allocation.curvature import SIGNALS, CurvatureTracker
 from allocation.resize import resize_with_state, restore_layer, snapshot_layer  # noqa: F401
@@ -209,13 +209,14 @@ class CurvatureRankAllocator:
         self.controller = RankController(model, self.config)
         self.tracker = CurvatureTracker(self.config.beta, self.config.signal)
         self.n_steps = 0
+        self.reduce = no_reduce          # all-reduce mean under several processes (allocator.py)
 
     @property
     def rank_history(self) -> list[dict]:
         return self.controller.rank_history
 
     def on_step(self, step: int, model: nn.Module, optimizer) -> None:
-        self.tracker.update(self.controller.layers)
+        self.tracker.update(self.controller.layers, self.reduce)
         self.n_steps += 1
 
     def after_step(self, step: int, model: nn.Module, optimizer) -> None:

@@ -35,6 +35,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from allocation.allocator import no_reduce
+
 SIGNALS = ("grad_sq", "secant")
 
 
@@ -77,31 +79,33 @@ class CurvatureTracker:
         self.last_skipped: list[str] = []
 
     @torch.no_grad()
-    def update(self, layers: Iterable[tuple[str, nn.Module]]) -> dict[str, float]:
+    def update(self, layers: Iterable[tuple[str, nn.Module]], reduce=no_reduce) -> dict[str, float]:
         """Read the gradients of each (name, adapter layer); return this step's raw signals
-        ({} when the step is skipped for a non-finite signal, see the class docstring)."""
-        raw, prev, bad = {}, {}, []
+        ({} when the step is skipped for a non-finite signal, see the class docstring).
+        `reduce` maps the (n_layers,) signal vector to the one every process uses (the
+        all-reduce mean under several processes; allocation/allocator.py)."""
+        raw, prev = {}, {}
         for name, layer in layers:
             params = [p for p in layer.adapter_parameters() if p.grad is not None]
             if not params:
                 continue
             if self.signal == "grad_sq":
                 n = sum(p.numel() for p in params)
-                s = sum(float(p.grad.float().pow(2).sum()) for p in params) / n
+                raw[name] = sum(float(p.grad.float().pow(2).sum()) for p in params) / n
             else:
                 g = torch.cat([p.grad.detach().float().flatten() for p in params])
                 theta = torch.cat([p.detach().float().flatten() for p in params])
                 if not bool(torch.isfinite(g).all() and torch.isfinite(theta).all()):
-                    bad.append(name)
+                    raw[name] = math.nan
                     continue
                 prev[name] = (g, theta)
                 s = self._secant(self._prev.get(name), g, theta)
-                if s is None:
-                    continue
-            if math.isfinite(s):
-                raw[name] = s
-            else:
-                bad.append(name)
+                if s is not None:
+                    raw[name] = s
+        if raw and reduce is not no_reduce:     # a NaN on any rank makes every rank skip the step
+            values = reduce(torch.tensor(list(raw.values()), dtype=torch.float64))
+            raw = dict(zip(raw, values.tolist()))
+        bad = [name for name, s in raw.items() if not math.isfinite(s)]
         if bad:
             self.n_skipped += 1
             self.last_skipped = bad

@@ -3,7 +3,9 @@
 Every step the loss gets an L1 penalty on the factors (Tibshirani 1996's lasso, which
 pushes entries to exactly zero), and after every optimizer step the factors are pruned
 by magnitude to the cubic sparsity ramp of Zhu & Gupta 2017 ("To prune, or not to
-prune"), from 10 % to 70 % of the run; re-applying the masks after the step keeps pruned
+prune"), from 10 % to 70 % of the run (the magnitudes are first passed through `reduce`,
+the all-reduce mean across processes when there are several, so every rank prunes the
+same entries); re-applying the masks after the step keeps pruned
 entries at zero even though Adam's momentum would move them.
 """
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
 import torch.nn as nn
 
-from allocation.allocator import check_stepped
+from allocation.allocator import check_stepped, no_reduce
 from lora.model import adapter_layers
 from lora.sparse import SparseLoRALinear, cubic_sparsity
 
@@ -41,6 +44,7 @@ class SparsityAllocator:
         self.total_steps, self.final_sparsity, self.l1 = total_steps, final_sparsity, l1
         self.start, self.end = total_steps // 10, max(total_steps // 10 + 1, (7 * total_steps) // 10)
         self.n_steps, self.rank_history = 0, []
+        self.reduce = no_reduce
 
     def regularization(self, model: nn.Module):
         if self.l1 == 0:
@@ -52,6 +56,11 @@ class SparsityAllocator:
 
     def after_step(self, step: int, model: nn.Module, optimizer) -> None:
         target = cubic_sparsity(step, self.start, self.end, self.final_sparsity)
+        if target > 0 and self.reduce is not no_reduce:
+            with torch.no_grad():          # identical factors on every rank: the mean changes no bit
+                for layer in self.layers:
+                    for p in (layer.lora_A, layer.lora_B):
+                        p.copy_(self.reduce(p.detach()))
         for layer in self.layers:
             if target > 0:
                 layer.prune_to(target)       # also re-zeros what was pruned before

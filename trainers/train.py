@@ -22,9 +22,16 @@ the optimizer, the allocator, the RNG states, the data position and the logs:
 enough for `resume=True` to continue to the same losses, bit for bit, as a run
 that never stopped. That needs `batches(epoch)` to yield the same batches for
 the same epoch (seed any shuffling by the epoch, as `epoch_batches` does).
+
+Several processes (torchrun; trainers/distributed.py): every rank reads the same global
+batches and keeps its share of the rows, the model is wrapped in DistributedDataParallel
+(only the trainable parameters' gradients are all-reduced), the logged loss is the mean
+over ranks, the allocator's `reduce` is the all-reduce mean, the model is wrapped again
+after a resize, and only rank 0 writes checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -37,6 +44,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from lora.model import count_parameters
+from trainers import distributed
 from trainers.config_checks import check_choice, check_device, check_dtype, check_floats, check_ints
 from trainers.device import Runtime
 from trainers.memory import peak_memory, reset_peak_memory, trainable_bytes, training_state_bytes  # noqa: F401
@@ -199,8 +207,11 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     cfg.__post_init__()                 # again: a field may have been changed since the config was built
     label_keywords = _label_keywords(model)
     rt = Runtime.create(cfg.device, cfg.dtype)
+    world = distributed.init(rt.device)
     torch.manual_seed(cfg.seed)
     model.to(rt.device)
+    if world.world_size > 1 and allocator is not None and hasattr(allocator, "reduce"):
+        allocator.reduce = distributed.all_reduce_mean      # every rank decides from the same statistics
     if cfg.grad_checkpointing:
         _enable_grad_checkpointing(model)
     reset_peak_memory(rt.device)       # the run's own peak, not the process's so far
@@ -217,6 +228,8 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     else:
         optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.paged_adamw)
     model.zero_grad(set_to_none=True)   # e.g. gradients left by a sensitivity pass in prepare()
+    net = distributed.wrap(model, rt.device) if world.world_size > 1 else model   # what forward runs
+    wrapped = distributed.trainable_signature(model)
 
     # the data stream: batches(epoch), restarted with epoch + 1 when it runs out
     stream = iter(batches(position["epoch"]))
@@ -229,7 +242,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
             try:
                 batch = next(stream)
                 position["batches_done"] += 1
-                return batch
+                return distributed.shard_batch(batch, world)
             except StopIteration:
                 position["epoch"] += 1
                 position["batches_done"] = 0
@@ -254,24 +267,29 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
             if evaluate is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0:
                 eval_log.append(_evaluate(model, evaluate, rt, step))
             if ckpt_path is not None and cfg.checkpoint_every > 0 and step > 0 and step % cfg.checkpoint_every == 0:
-                _save_checkpoint(ckpt_path, model, optimizer, allocator, scaler, step=step, position=position,
-                                 loss_log=loss_log, eval_log=eval_log, cfg=cfg)
+                if world.is_main:
+                    _save_checkpoint(ckpt_path, model, optimizer, allocator, scaler, step=step, position=position,
+                                     loss_log=loss_log, eval_log=eval_log, cfg=cfg)
+                distributed.barrier()
         t0 = time.perf_counter()
         # 3. forward/backward with accumulation
         step_loss = torch.zeros((), device=rt.device)     # task loss, for the log
         step_total = torch.zeros((), device=rt.device)    # what was differentiated (+ regulariser)
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = next_batch()
             input_ids = batch["input_ids"].to(rt.device, non_blocking=True)
             labels = batch["labels"].to(rt.device, non_blocking=True)
             mask = batch.get("attention_mask")
             mask = mask.to(rt.device, non_blocking=True) if mask is not None else None
-            with rt.autocast():
-                output = model(input_ids, attention_mask=mask, **label_keywords(labels))
-                loss = _loss_of(output)
-                total = loss if allocator is None else loss + allocator.regularization(model)
-                total = total / cfg.grad_accum
-            (scaler.scale(total) if scaler is not None else total).backward()
+            # DDP all-reduces the gradients in the last micro-batch's backward only
+            last = net is model or micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last else net.no_sync():
+                with rt.autocast():
+                    output = net(input_ids, attention_mask=mask, **label_keywords(labels))
+                    loss = _loss_of(output)
+                    total = loss if allocator is None else loss + allocator.regularization(model)
+                    total = total / cfg.grad_accum
+                (scaler.scale(total) if scaler is not None else total).backward()
             step_loss += loss.detach().float() / cfg.grad_accum
             step_total += total.detach().float()
             tokens += int(mask.sum()) if mask is not None else input_ids.numel()
@@ -280,6 +298,8 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
             # autograd's per-parameter accumulators, which remember the shapes of parameters that a
             # dynamic allocator may resize in after_step.
             del output, loss, total
+        if world.world_size > 1:     # the global batch's loss; a NaN on any rank stops every rank
+            step_loss, step_total = distributed.all_reduce_mean(torch.stack([step_loss, step_total]))
         last_loss = step_loss.item()
         if not (math.isfinite(last_loss) and math.isfinite(step_total.item())):
             bar.close()
@@ -304,6 +324,10 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
         # 7. allocator after the step (masking, rank changes)
         if allocator is not None:
             allocator.after_step(step, model, optimizer)
+            if net is not model and distributed.trainable_signature(model) != wrapped:
+                del net              # DDP's buckets hold the old shapes: wrap the resized model anew
+                net = distributed.wrap(model, rt.device)
+                wrapped = distributed.trainable_signature(model)
         # 8. zero_grad, log
         optimizer.zero_grad(set_to_none=True)
         rt.synchronize()
@@ -320,11 +344,16 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     if final_eval:
         eval_log.append(final_eval)
     if ckpt_path is not None and cfg.checkpoint_every > 0:
-        _save_checkpoint(ckpt_path, model, optimizer, allocator, scaler, step=cfg.steps, position=position,
-                         loss_log=loss_log, eval_log=eval_log, cfg=cfg)
+        if world.is_main:
+            _save_checkpoint(ckpt_path, model, optimizer, allocator, scaler, step=cfg.steps, position=position,
+                             loss_log=loss_log, eval_log=eval_log, cfg=cfg)
+        distributed.barrier()
     if allocator is not None:
         allocator.finish(cfg.steps)
 
+    if world.world_size > 1:         # throughput of the whole run, not of one process
+        counts = distributed.all_reduce_mean(torch.tensor([tokens, examples], dtype=torch.float64))
+        tokens, examples = (round(float(c) * world.world_size) for c in counts)
     trainable, total_params = count_parameters(model)
     memory, memory_kind = peak_memory(rt.device, mps_seen)
     if loss_log:
@@ -337,6 +366,6 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
         "wall_time_s": time.perf_counter() - wall_start, "train_time_s": train_time,
         "tokens_per_s": tokens / train_time if train_time > 0 else 0.0,
         "examples_per_s": examples / train_time if train_time > 0 else 0.0,
-        "steps": cfg.steps, "device": str(rt.device), "autocast_dtype": str(rt.autocast_dtype).replace("torch.", ""),
+        "steps": cfg.steps, "world_size": world.world_size, "device": str(rt.device), "autocast_dtype": str(rt.autocast_dtype).replace("torch.", ""),
     })
     return TrainResult(loss_log=loss_log, eval_log=eval_log, metrics=metrics, final_loss=last_loss)
