@@ -116,6 +116,12 @@ def _worker(rank, world, port, folder):
         for name, (method, grad_accum, ckpt, resume, steps) in JOBS.items():
             out_dir = os.path.join(folder, ckpt) if ckpt else None
             out[name] = run(method, grad_accum, out_dir, resume, steps)
+        model, _ = build("lora")                    # what DDP sends: the adapters only
+        with torch.no_grad():
+            model.blocks[0].base_layer.weight.add_(rank)   # a frozen weight that differs by rank
+        net = distributed.wrap(model, torch.device("cpu"))
+        out["ddp"] = {"bytes": net._get_ddp_logging_data()["total_parameter_size_bytes"],
+                      "base": model.blocks[0].base_layer.weight.detach().clone()}
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         if dist.is_initialized():
@@ -164,6 +170,15 @@ def test_two_processes_match_one_process_and_each_other(two, method):
         assert len({tuple(int(s[k].sum()) for k in s if k.endswith(".rank_mask")) for s in s0}) > 1   # it pruned
     if method == "draftq":
         assert len({tuple(s[k] for k in s if k.endswith(".rank")) for s in s0}) > 1                 # it resized
+
+
+def test_only_adapters_travel(two):
+    """DDP's buckets hold the adapters' bytes only, and wrapping does not overwrite rank 1's
+    (deliberately different) frozen weight with rank 0's."""
+    model, _ = build("lora")
+    adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert two[0]["ddp"]["bytes"] == two[1]["ddp"]["bytes"] == adapter_bytes
+    torch.testing.assert_close(two[1]["ddp"]["base"], two[0]["ddp"]["base"] + 1)
 
 
 def test_accumulation_across_processes(two):

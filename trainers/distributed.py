@@ -17,9 +17,8 @@ shard equally, as every data-parallel trainer does.
 
 What travels: DDP registers only parameters with requires_grad, so only the adapters'
 gradients are all-reduced; the frozen base (float, 8-bit or NF4) never leaves its process.
-Buffers are not broadcast (broadcast_buffers=False): the adapters' masks change only by
-decisions every rank makes identically (below), and a quantized base keeps its weights
-in buffers that would otherwise be sent on every forward.
+Buffers are not broadcast either (`wrap`): the adapters' masks change only by decisions
+every rank makes identically (below), and a quantized base keeps its weights in buffers.
 
 The adaptive allocators decide from statistics (AdaLoRA's importance EMAs, the curvature
 EMA, Sparse LoRA's magnitudes). A decision taken on one rank only would change the
@@ -133,8 +132,13 @@ def trainable_signature(model: nn.Module) -> list[tuple[int, tuple]]:
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` inside DistributedDataParallel (only requires_grad parameters are registered)."""
+    """`model` inside DistributedDataParallel. Only requires_grad parameters enter its gradient
+    buckets anyway; the frozen parameters and every buffer are also kept out of the broadcast DDP
+    does when it wraps (and the trainer wraps again after each resize): each rank has loaded
+    the same base, so sending it from rank 0 would only cost time."""
     from torch.nn.parallel import DistributedDataParallel as DDP
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen + [n for n, _ in model.named_buffers()])
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
         else None
-    return DDP(model, device_ids=ids, broadcast_buffers=False)
+    return DDP(model, device_ids=ids)
