@@ -5,8 +5,11 @@ Each run records, after every optimizer step, the loss and the adapters' ranks a
 two ranks must agree exactly at every step (a decision on one rank only would corrupt
 training), and both must follow the single process within float tolerance.
 """
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -246,3 +249,22 @@ def test_single_process_leaves_the_allocators_unreduced():
     _, allocator = build("draftq")
     _, _, _, metrics = run("lora", steps=1)
     assert allocator.reduce is no_reduce and metrics["world_size"] == 1
+
+
+def test_torchrun_cli_run_writes_one_run_folder_with_its_world_size(tmp_path, shared_data):
+    """`torchrun --nproc_per_node=2 -m trainers run ...`: rank 0 writes the folder (and its
+    checkpoint), and config.json and metrics.json record the world size."""
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "trainers", "run", "--config", "B-FP", "--task", "sst2",
+           "--model", "gpt2-tiny", "--results", str(results), "--steps", "4", "--batch-size", "8",
+           "--limit", "64", "--max-length", "32", "--eval-examples", "16", "--no-progress", "--device", "cpu",
+           "--checkpoint-every", "2", "--data-dir", str(shared_data)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("results:") == 1                                   # one report, from rank 0
+    folder = results / "sst2__B-FP"
+    assert json.loads((folder / "config.json").read_text())["world_size"] == 2
+    assert json.loads((folder / "metrics.json").read_text())["world_size"] == 2
+    assert (folder / "checkpoint.pt").exists() and (folder / "adapter_model.safetensors").exists()

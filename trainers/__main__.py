@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from trainers.configs import CONFIGS, get_config
+from trainers.distributed import world_from_env
 from trainers.experiments import MODEL_HELP, RunSettings, describe, run_matrix, run_task
 from trainers.flags import add_dataclass_args, add_experiment_args, experiment_overrides, from_args  # noqa: F401
 from trainers.results import RUN_FILES, check_run_dir, checkpoint_progress, run_state, write_summary
@@ -165,22 +166,28 @@ def _main(argv: list[str]) -> int:
             parser.error(f"unknown task {args.task}; known tasks: {', '.join(_known_tasks())}")
         exp = dataclasses.replace(get_config(args.config), **overrides)                    # checked here
         out_dir = _run_dir(args)
-        if args.overwrite:
+        main = world_from_env().is_main                   # under torchrun, rank 0 alone writes and reports
+        if args.overwrite and main:
             check_run_dir(out_dir, overwrite=True)
             _note_overwrite(out_dir)
         try:
             row = run_task(exp, args.task, train_cfg, out_dir, settings, overwrite=args.overwrite,
                            resume=args.resume)
         except BaseException:
-            if run_state(out_dir) == "resumable":
+            if main and run_state(out_dir) == "resumable":
                 print(f"note: {out_dir} keeps the run's checkpoint ({checkpoint_progress(out_dir)}): run the "
                       f"same command with --resume to continue it", file=sys.stderr)
             raise
+        if not main:
+            return 0
         csv_path, _ = write_summary(args.results)
         figures = _draw(out_dir)
         print(f"{describe(row)}, trainable {row['trainable_params']} ({row['trainable_pct']:.3f} %)\n"
               f"results: {out_dir}  summary: {csv_path}" + "".join(f"\nfigure: {p}" for p in figures))
     elif args.command == "matrix":
+        if world_from_env().world_size > 1:
+            raise ValueError("matrix runs one process per run; under torchrun use `run` (one run over all "
+                             "the processes)")
         tasks = _names(args.tasks, _known_tasks(), "tasks", parser)
         configs = _names(args.configs, list(CONFIGS), "configs", parser)
         if args.overwrite:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,7 @@ from trainers.config_checks import check_ints
 from trainers.configs import ALLOCATIONS, CONFIGS, METHODS, QUANTS, ExperimentConfig, get_config
 from trainers.data import get_task
 from trainers.device import Runtime, pick_device
+from trainers.distributed import world_from_env
 from trainers.evaluate import make_evaluator
 from trainers.inference import inference_speed
 from trainers.isolated import in_fresh_process
@@ -73,8 +75,9 @@ def run_experiment(exp: ExperimentConfig, model: nn.Module, task, train_cfg: Tra
     if isinstance(inference_iters, bool) or not isinstance(inference_iters, int) or inference_iters < 0:
         raise ValueError(f"run_experiment: inference_iters must be an int >= 0, got {inference_iters!r}")
     device = pick_device(cfg.device)
+    world = world_from_env()            # under torchrun every rank runs this; rank 0 alone writes the folder
     run_config = {"experiment": asdict(exp), "train": asdict(cfg), "task": task.spec.name, "model": model_name,
-                  "budget_rank": budget_rank, "settings": settings or {},
+                  "budget_rank": budget_rank, "settings": settings or {}, "world_size": world.world_size,
                   "data_source": getattr(task, "source", None), "data_note": getattr(task, "note", "")}
 
     def batches(epoch: int):
@@ -82,34 +85,37 @@ def run_experiment(exp: ExperimentConfig, model: nn.Module, task, train_cfg: Tra
 
     if calibration is None:
         calibration = lambda: task.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed + 7919)  # noqa: E731
-    with run_folder(out_dir, overwrite=overwrite, resume=resume) as out_dir:
-        if resume:
+    folder = run_folder(out_dir, overwrite=overwrite, resume=resume) if world.is_main else nullcontext(Path(out_dir))
+    with folder as out_dir:
+        if resume and world.is_main:
             _check_same_run(out_dir / "config.json", run_config)
-        else:
+        elif world.is_main:
             atomic_write_json(out_dir / "config.json", run_config)
         model.to(device)                      # calibrate and quantize where training will run
         torch.manual_seed(cfg.seed)           # adapter initialisation is part of the seeded run
         model, allocator = prepare(model, exp, calibration, budget_rank, steps=cfg.steps)
-        atomic_write_json(out_dir / "config.json", {**run_config, "used": used(model, allocator)})
         bits = base_bits(model)
-        if bits:
+        if world.is_main:
+            atomic_write_json(out_dir / "config.json", {**run_config, "used": used(model, allocator)})
+        if bits and world.is_main:
             atomic_write_json(out_dir / "bits.json", bits)
 
         result = train(model, batches, cfg, evaluate=evaluate, allocator=allocator, out_dir=out_dir, resume=resume)
 
-        if exp.method == "full":
+        if exp.method == "full" and world.is_main:
             atomic_write(out_dir / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
-        else:
+        elif world.is_main:
             save_adapter(model, out_dir, base_model_name_or_path=model_name or None)
         speed = inference_speed(model, task, batch_size=inference_batch_size, iters=inference_iters,
                                 rt=Runtime.create(cfg.device, cfg.dtype))
         metric = task.spec.metric if task.spec.metric in result.metrics else "final_loss"
         run_metrics = {"metric": metric, "metric_value": result.metrics.get(metric), **result.metrics, **speed,
                        "final_ranks": {n: int(r) for n, r in _final_ranks(model).items()}}
-        write_loss_log(out_dir / "loss_log.csv", result.loss_log)
-        atomic_write_json(out_dir / "eval_log.json", result.eval_log)
-        atomic_write_json(out_dir / "rank_history.json", list(getattr(allocator, "rank_history", [])))
-        atomic_write_json(out_dir / "metrics.json", run_metrics)   # last: its presence marks a finished run
+        if world.is_main:
+            write_loss_log(out_dir / "loss_log.csv", result.loss_log)
+            atomic_write_json(out_dir / "eval_log.json", result.eval_log)
+            atomic_write_json(out_dir / "rank_history.json", list(getattr(allocator, "rank_history", [])))
+            atomic_write_json(out_dir / "metrics.json", run_metrics)   # last: its presence marks a finished run
     return summary_row(out_dir.name, run_config, run_metrics)
 
 
@@ -173,7 +179,8 @@ def run_task(config: str | ExperimentConfig, task_name: str, train_cfg: TrainCon
     train_cfg.__post_init__()
     settings.__post_init__()
     pick_device(train_cfg.device)                      # everything that can be checked early is,
-    check_run_dir(out_dir, overwrite, resume)          # before minutes of loading
+    if world_from_env().is_main:                       # (rank 0 alone owns the folder under torchrun)
+        check_run_dir(out_dir, overwrite, resume)      # before minutes of loading
     model, tokenizer = load_model(settings.model, task_name, max_length=settings.max_length,
                                   data_dir=settings.data_dir, seed=train_cfg.seed,
                                   tokenizer=loaded[0] if loaded is not None else None)

@@ -255,7 +255,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     wall_start = time.perf_counter()
     last_loss = float("nan")
     mps_seen = 0
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not cfg.progress, leave=False)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not (cfg.progress and world.is_main), leave=False)
     for step in range(start_step, cfg.steps):
         # 1. learning rate
         lr = lr_at(step, lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
