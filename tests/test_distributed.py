@@ -81,7 +81,7 @@ def adapter_state(model):
     return out
 
 
-def run(method, grad_accum=1, out_dir=None, resume=False, steps=STEPS):
+def run(method, grad_accum=1, out_dir=None, resume=False, steps=STEPS, parallel="ddp"):
     """Train `method`; returns (per-step losses, per-step adapter states, final trainable values)."""
     model, allocator = build(method)
     states = []
@@ -94,20 +94,22 @@ def run(method, grad_accum=1, out_dir=None, resume=False, steps=STEPS):
         allocator.after_step = recorded
     cfg = TrainConfig(steps=steps, batch_size=BATCH, grad_accum=grad_accum, lr=1e-2, warmup_steps=0,
                       schedule="constant", eval_every=0, checkpoint_every=2 if out_dir else 0, device="cpu",
-                      progress=False)
+                      progress=False, parallel=parallel)
     result = train(model, epoch_batches(data(), BATCH, seed=3), cfg, allocator=allocator, out_dir=out_dir,
                    resume=resume)
-    final = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return [r["loss"] for r in result.loss_log], states, final, result.metrics
+    final = {n: p for n, p in distributed.gathered(model).items() if "lora_" in n}      # the adapters, whole
+    held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+    return [r["loss"] for r in result.loss_log], states, final, {**result.metrics, "held": held}
 
 
 # what the 2 processes run, in one process group (starting processes costs seconds):
-# name -> (method, grad_accum, checkpoint folder name, resume, steps)
-JOBS = {m: (m, 1, None, False, STEPS) for m in ("lora", "adalora", "draftq", "sparse")}
-JOBS.update({"accum": ("lora", 2, None, False, STEPS),
-             "whole": ("draftq", 1, "whole", False, STEPS),
-             "first_part": ("draftq", 1, "stopped", False, 4),
-             "resumed": ("draftq", 1, "stopped", True, STEPS)})
+# name -> (method, grad_accum, checkpoint folder name, resume, steps, parallel)
+JOBS = {m: (m, 1, None, False, STEPS, "ddp") for m in ("lora", "adalora", "draftq", "sparse")}
+JOBS.update({"accum": ("lora", 2, None, False, STEPS, "ddp"),
+             "whole": ("draftq", 1, "whole", False, STEPS, "ddp"),
+             "first_part": ("draftq", 1, "stopped", False, 4, "ddp"),
+             "resumed": ("draftq", 1, "stopped", True, STEPS, "ddp"),
+             "fsdp": ("lora", 1, None, False, STEPS, "fsdp")})
 
 
 def _worker(rank, world, port, folder):
@@ -116,9 +118,13 @@ def _worker(rank, world, port, folder):
     torch.set_num_threads(1)
     try:
         out = {}
-        for name, (method, grad_accum, ckpt, resume, steps) in JOBS.items():
+        for name, (method, grad_accum, ckpt, resume, steps, parallel) in JOBS.items():
             out_dir = os.path.join(folder, ckpt) if ckpt else None
-            out[name] = run(method, grad_accum, out_dir, resume, steps)
+            out[name] = run(method, grad_accum, out_dir, resume, steps, parallel)
+        try:
+            run("draftq", parallel="fsdp")
+        except ValueError as error:
+            out["fsdp_refused"] = str(error)
         model, _ = build("lora")                    # what DDP sends: the adapters only
         with torch.no_grad():
             model.blocks[0].base_layer.weight.add_(rank)   # a frozen weight that differs by rank
@@ -182,6 +188,18 @@ def test_only_adapters_travel(two):
     adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert two[0]["ddp"]["bytes"] == two[1]["ddp"]["bytes"] == adapter_bytes
     torch.testing.assert_close(two[1]["ddp"]["base"], two[0]["ddp"]["base"] + 1)
+
+
+def test_fsdp_lora_on_a_float_base_matches_one_process(two):
+    """fully_shard: each rank holds half of every parameter, and training follows one process."""
+    single, _, single_final, _ = run("lora")
+    (l0, _, f0, _), (l1, _, f1, _) = two[0]["fsdp"], two[1]["fsdp"]
+    assert l0 == l1
+    assert two[0]["fsdp"][3]["held"] + two[1]["fsdp"][3]["held"] == two[0]["lora"][3]["held"]   # shards
+    torch.testing.assert_close(torch.tensor(l0), torch.tensor(single), atol=1e-5, rtol=1e-5)
+    for n in single_final:
+        torch.testing.assert_close(f0[n], single_final[n], atol=1e-5, rtol=1e-5)
+    assert "adaptive allocator" in two[0]["fsdp_refused"]
 
 
 def test_accumulation_across_processes(two):

@@ -26,6 +26,13 @@ parameter shapes or masks there and corrupt training silently, so each allocator
 `reduce` hook (allocation/allocator.py) that the trainer sets to `all_reduce_mean`: every
 rank decides from the same, all-reduced numbers, bit for bit.
 
+FSDP (`parallel="fsdp"`, torch's fully_shard, Zhao et al. 2023): instead of a whole copy,
+each rank keeps 1/N of every parameter, the frozen base included, and gathers a layer's
+weights just for its forward and backward; gradients are reduce-scattered. That is what
+lets a float base too big for one device train. Here it is offered for plain LoRA on a
+float base without checkpoints (`check_fsdp`): the allocators resize and mask parameters
+that FSDP keeps as flat shards, and checkpoints would need the gathered state.
+
 DDP caches parameter shapes in its gradient buckets, so after an allocator resizes layers
 (fresh Parameters, allocation/resize.py) the trainer wraps the model in a new DDP.
 
@@ -40,6 +47,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from lora.model import adapter_layers
 
 
 @dataclass(frozen=True)
@@ -142,3 +151,38 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
         else None
     return DDP(model, device_ids=ids)
+
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def check_fsdp(model: nn.Module, allocator, checkpoint_every: int, resume: bool) -> None:
+    """What parallel="fsdp" supports, refused by name before anything is sharded."""
+    problems = []
+    if allocator is not None and type(allocator).__name__ != "NullAllocator":
+        problems.append(f"an adaptive allocator ({type(allocator).__name__}) resizes or masks sharded parameters")
+    if checkpoint_every > 0 or resume:
+        problems.append("checkpoints (checkpoint_every > 0, resume) need the gathered state")
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    odd = [n for n, b in model.named_buffers() if not b.is_floating_point() and b.numel() > 1]
+    if not frozen or odd:
+        problems.append(f"it is for LoRA on a float base (found {'no frozen base' if not frozen else odd[:2]})")
+    if problems:
+        raise ValueError("train: parallel='fsdp' supports plain LoRA on a float base only: "
+                         + "; ".join(problems) + "; use parallel='ddp'")
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 in place: each adapter layer (its base and factors) is one group, the rest of the
+    model the root group. The parameters become DTensors (1/N of each on this rank)."""
+    from torch.distributed.fsdp import fully_shard
+    for _, layer in adapter_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def gathered(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole (DTensor shards gathered; plain tensors as they are), on every rank."""
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}

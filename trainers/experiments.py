@@ -76,6 +76,9 @@ def run_experiment(exp: ExperimentConfig, model: nn.Module, task, train_cfg: Tra
         raise ValueError(f"run_experiment: inference_iters must be an int >= 0, got {inference_iters!r}")
     device = pick_device(cfg.device)
     world = world_from_env()            # under torchrun every rank runs this; rank 0 alone writes the folder
+    if world.world_size > 1 and cfg.parallel == "fsdp":
+        raise ValueError("run_experiment: parallel='fsdp' leaves the adapters sharded, and a run folder stores "
+                         "them whole; train() alone supports it (trainers/distributed.py); use parallel='ddp'")
     run_config = {"experiment": asdict(exp), "train": asdict(cfg), "task": task.spec.name, "model": model_name,
                   "budget_rank": budget_rank, "settings": settings or {}, "world_size": world.world_size,
                   "data_source": getattr(task, "source", None), "data_note": getattr(task, "note", "")}
@@ -121,7 +124,7 @@ def run_experiment(exp: ExperimentConfig, model: nn.Module, task, train_cfg: Tra
 
 # Settings that change what is shown or how it is run, not what is trained: a resumed run may
 # differ in these.
-DISPLAY_ONLY = ("progress", "log_every", "isolate", "inference_iters")
+DISPLAY_ONLY = ("progress", "log_every", "isolate", "inference_iters", "parallel")
 
 
 def _check_same_run(config_path: Path, run_config: dict) -> None:

@@ -75,6 +75,8 @@ class TrainConfig:
     paged_adamw: bool = False       # AdamW with moments in (pinned) CPU memory, trainers/optim.py
     progress: bool = True           # tqdm bar with loss and tokens/s
     min_lr_ratio: float = 0.1       # cosine/linear decay ends at lr * min_lr_ratio (not used by the _hf ones)
+    parallel: str = "ddp"           # under torchrun: "ddp" (a whole replica per process) or "fsdp" (sharded;
+                                    # plain LoRA on a float base, no checkpoints; trainers/distributed.py)
 
     def __post_init__(self):
         """Refuse a bad value when the config is built (trainers/config_checks.py)."""
@@ -83,6 +85,7 @@ class TrainConfig:
         check_floats(self, ("lr", "weight_decay", "clip"), minimum=0)
         check_floats(self, ("min_lr_ratio",), minimum=0, maximum=1)
         check_choice(self, "schedule", SCHEDULES)
+        check_choice(self, "parallel", distributed.PARALLEL)
         check_device(self)
         check_dtype(self)
 
@@ -210,6 +213,10 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     world = distributed.init(rt.device)
     torch.manual_seed(cfg.seed)
     model.to(rt.device)
+    fsdp = world.world_size > 1 and cfg.parallel == "fsdp"
+    if fsdp:
+        distributed.check_fsdp(model, allocator, cfg.checkpoint_every, resume)
+        distributed.shard(model)                          # before the optimizer: it holds the shards
     if world.world_size > 1 and allocator is not None and hasattr(allocator, "reduce"):
         allocator.reduce = distributed.all_reduce_mean      # every rank decides from the same statistics
     if cfg.grad_checkpointing:
@@ -228,7 +235,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     else:
         optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.paged_adamw)
     model.zero_grad(set_to_none=True)   # e.g. gradients left by a sensitivity pass in prepare()
-    net = distributed.wrap(model, rt.device) if world.world_size > 1 else model   # what forward runs
+    net = distributed.wrap(model, rt.device) if world.world_size > 1 and not fsdp else model   # what forward runs
     wrapped = distributed.trainable_signature(model)
 
     # the data stream: batches(epoch), restarted with epoch + 1 when it runs out
