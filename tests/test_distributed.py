@@ -286,3 +286,16 @@ def test_torchrun_cli_run_writes_one_run_folder_with_its_world_size(tmp_path, sh
     assert json.loads((folder / "config.json").read_text())["world_size"] == 2
     assert json.loads((folder / "metrics.json").read_text())["world_size"] == 2
     assert (folder / "checkpoint.pt").exists() and (folder / "adapter_model.safetensors").exists()
+
+
+def test_run_experiment_refuses_fsdp_before_touching_the_folder(tmp_path, monkeypatch):
+    from trainers.configs import get_config
+    from trainers.experiments import run_experiment
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = TrainConfig(steps=1, device="cpu", parallel="fsdp")
+    with pytest.raises(ValueError, match="parallel='fsdp'"):
+        run_experiment(get_config("B-FP"), None, None, cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="parallel"):
+        TrainConfig(parallel="zero3")
