@@ -194,7 +194,7 @@ def test_fsdp_lora_on_a_float_base_matches_one_process(two):
     """fully_shard: each rank holds half of every parameter, and training follows one process."""
     single, _, single_final, _ = run("lora")
     (l0, _, f0, _), (l1, _, f1, _) = two[0]["fsdp"], two[1]["fsdp"]
-    assert l0 == l1
+    assert l0 == l1 and all(torch.equal(f0[n], f1[n]) for n in f0)
     assert two[0]["fsdp"][3]["held"] + two[1]["fsdp"][3]["held"] == two[0]["lora"][3]["held"]   # shards
     torch.testing.assert_close(torch.tensor(l0), torch.tensor(single), atol=1e-5, rtol=1e-5)
     for n in single_final:
