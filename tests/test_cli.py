@@ -334,3 +334,14 @@ def test_bench_flags_are_checked_before_timing(capsys, tmp_path, flags, named):
     code = bench([*flags, "--json", str(tmp_path / "out" / "bench.json")] if "--json" not in flags else flags)
     assert code == 2 and named in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_help_explains_each_option_with_its_fields_comment(capsys):
+    # --help shows the words each dataclass field is documented with where it is declared.
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--steps STEPS optimizer steps (default 200)" in text
+    assert "--clip CLIP max global gradient norm; 0 disables clipping (default 1.0)" in text
+    assert "--tinit VALUE AdaLoRA: warm-up steps before pruning; None: 10 % of the steps" in text
+    assert "--bits VALUE 4 | 8 | mixed | none | c_attn=8,c_fc=4" in text        # the CLI's text form

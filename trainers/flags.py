@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
+import re
 import typing
 
 from trainers.configs import (FIELD_FORMS, FIELD_PARSERS, FLAG_ALIASES, NOT_FLAGS, ExperimentConfig,
@@ -35,6 +38,34 @@ def _base_type(cls, name: str):
     return (rest[0] if len(rest) == 1 else kind), type(None) in args
 
 
+@functools.lru_cache(maxsize=None)
+def field_comments(cls) -> dict[str, str]:
+    """{field: its inline comment in the class source}, continuation comment lines joined: the
+    dataclasses document every field where it is declared, and --help shows the same words."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):          # no source (a frozen build): flags keep their defaults only
+        return {}
+    comments: dict[str, str] = {}
+    field = None
+    for line in lines:
+        declared = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+        if declared and declared.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            field = declared.group(1)
+            comments[field] = (declared.group(2) or "").strip()
+        elif field and re.match(r"\s+#\s*(.*)$", line):
+            comments[field] += " " + re.match(r"\s+#\s*(.*)$", line).group(1).strip()
+        else:
+            field = None
+    return {k: v.replace("%", "%%") for k, v in comments.items() if v}   # argparse formats help with %
+
+
+def _help(cls, name: str, tail: str, text: str = "") -> str:
+    """`text` (else the field's comment in the source) followed by `tail`."""
+    text = text or field_comments(cls).get(name, "")
+    return f"{text} {tail}" if text else tail
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None:
     """One `--field-name` option per dataclass field, typed from the annotation."""
     group = parser.add_argument_group(title)
@@ -42,12 +73,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None
         base, optional = _base_type(cls, f.name)
         if base is bool:
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=f"(default {f.default})")
+                               help=_help(cls, f.name, f"(default {f.default})"))
             continue
         kind = base if base in (int, float) else str
         group.add_argument(_flag(f.name), dest=f.name, type=parse_optional_number(kind) if optional else kind,
                            default=f.default, metavar=f.name.upper(),
-                           help=f"(default {f.default}{'; none: no limit' if optional else ''})")
+                           help=_help(cls, f.name, f"(default {f.default}{'; none: no limit' if optional else ''})"))
 
 
 def from_args(cls, args: argparse.Namespace):
@@ -66,10 +97,10 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
         if f.name in NOT_FLAGS:
             continue
         flags = [_flag(f.name)] + ([FLAG_ALIASES[f.name]] if f.name in FLAG_ALIASES else [])
-        form = f"{FIELD_FORMS[f.name]}; " if f.name in FIELD_FORMS else ""
+        form = FIELD_FORMS.get(f.name, "")       # a field with a text form is described the CLI's way
         group.add_argument(*flags, dest=EXPERIMENT_DEST + f.name, default=argparse.SUPPRESS, metavar="VALUE",
-                           help=f"{form}(default: the config's, e.g. {getattr(defaults, f.name)!r}; "
-                                f"trainers/configs.py)")
+                           help=_help(ExperimentConfig, f.name, f"(default: the config's, e.g. "
+                                      f"{getattr(defaults, f.name)!r}; trainers/configs.py)", form))
 
 
 def experiment_overrides(args: argparse.Namespace) -> dict:
