@@ -16,6 +16,7 @@ peft = pytest.importorskip("peft")
 
 from lora import adapter_layers, add_lora_to_model, load_adapter, save_adapter  # noqa: E402
 from lora import LoraConfig as OurConfig  # noqa: E402
+from tests.hf_tiny import tiny_llama_config  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -23,9 +24,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(config).eval()
+    return transformers.LlamaForCausalLM(tiny_llama_config(transformers)).eval()
 
 
 @pytest.fixture
@@ -115,10 +114,7 @@ def test_peft_refuses_our_hira_files(base, tmp_path):
 @pytest.mark.parametrize("bias", ["lora_only", "all"])
 def test_trained_biases_both_ways(idx, tmp_path, bias):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                      attention_bias=True)
-    base = transformers.LlamaForCausalLM(config).eval()
+    base = transformers.LlamaForCausalLM(tiny_llama_config(transformers, 1, attention_bias=True)).eval()
     ours = add_lora_to_model(copy.deepcopy(base), r=2, target_modules=["q_proj"], bias=bias)
     perturb([p for p in ours.parameters() if p.requires_grad])
     save_adapter(ours, tmp_path / "ours")
@@ -156,9 +152,7 @@ def seq_cls_model(family):
         config = transformers.DistilBertConfig(vocab_size=61, dim=16, hidden_dim=24, n_layers=1, n_heads=2,
                                                max_position_embeddings=32, num_labels=3)
         return transformers.DistilBertForSequenceClassification(config).eval(), ["q_lin", "v_lin"], "classifier"
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                      num_labels=3, pad_token_id=0)
+    config = tiny_llama_config(transformers, 1, num_labels=3, pad_token_id=0)
     return transformers.LlamaForSequenceClassification(config).eval(), ["q_proj", "v_proj"], "score"
 
 

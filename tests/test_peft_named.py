@@ -14,6 +14,7 @@ peft = pytest.importorskip("peft")
 from lora import (IA3Config, LoraConfig, adapter_layers, add_adapter, add_ia3_to_model,  # noqa: E402
                   add_weighted_adapter, list_adapters, load_adapter, load_adapters, mixed_batch, save_adapter,
                   save_adapters, set_adapter)
+from tests.hf_tiny import tiny_llama_config  # noqa: E402
 
 CONFIGS = {"default": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
            "sst": LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"]),
@@ -23,9 +24,7 @@ CONFIGS = {"default": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(config).eval()
+    return transformers.LlamaForCausalLM(tiny_llama_config(transformers)).eval()
 
 
 @pytest.fixture
