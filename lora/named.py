@@ -86,6 +86,16 @@ def _record(model: nn.Module) -> AdapterSet:
     return AdapterSet({DEFAULT_ADAPTER: config}, DEFAULT_ADAPTER)
 
 
+def _named(model: nn.Module, name: str, who: str) -> tuple[bool, AdapterSet]:
+    """What set_adapter and delete_adapter check first (`name` exists, nothing is merged), then
+    (whether the adapters train now, a copy of the model's record)."""
+    names = adapter_names(model)
+    if name not in names:
+        raise ValueError(f"{who}: no adapter named {name!r}; the model's adapters: {names}")
+    _check_unmerged(model, who)
+    return _trains(model), _record(model)
+
+
 def _trains(model: nn.Module) -> bool:
     """Whether the model's adapters train now (a model loaded for inference stays frozen)."""
     return any(p.requires_grad for _, layer in adapter_layers(model) for p in layer.adapter_parameters())
@@ -194,12 +204,7 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig | IA3Config | No
 
 def set_adapter(model: nn.Module, name: str) -> nn.Module:
     """Make `name` the adapter that computes (and, if the model's adapters train, the one that trains)."""
-    names = adapter_names(model)
-    if name not in names:
-        raise ValueError(f"set_adapter: no adapter named {name!r}; the model's adapters: {names}")
-    _check_unmerged(model, "set_adapter")
-    trains = _trains(model)
-    record = _record(model)
+    trains, record = _named(model, name, "set_adapter")
     record.active = name
     multis = [m for _, m in _containers(model) if isinstance(m, MultiAdapterLinear)]
     old_active = [m.active for m in multis]
@@ -224,12 +229,7 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove the adapter `name` (the next remaining one becomes active if it was). With one adapter
     left the model holds plain adapter layers again; deleting the last one leaves the base model."""
-    names = adapter_names(model)
-    if name not in names:
-        raise ValueError(f"delete_adapter: no adapter named {name!r}; the model's adapters: {names}")
-    _check_unmerged(model, "delete_adapter")
-    trains = _trains(model)
-    record = _record(model)
+    trains, record = _named(model, name, "delete_adapter")
     del record.configs[name]
     if record.active == name and record.configs:
         record.active = next(iter(record.configs))
