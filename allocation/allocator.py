@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from lora.model import adapter_layers
+from lora.targets import adapter_layers
 
 
 def current_ranks(layers) -> dict[str, int]:

@@ -32,7 +32,7 @@ from allocation.allocator import check_stepped, current_ranks, no_reduce
 from allocation.budget import adapter_params, training_bytes
 from allocation.curvature import SIGNALS, CurvatureTracker
 from allocation.resize import resize_with_state, restore_layer, snapshot_layer  # noqa: F401
-from lora.model import adapter_layers
+from lora.targets import adapter_layers
 
 
 @dataclass

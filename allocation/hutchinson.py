@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from allocation.budget import cost_per_rank, fixed_params, ranks_from_scores
-from lora.base import in_out_features, module_device
+from lora.layout import in_out_features, module_device
 
 
 @dataclass

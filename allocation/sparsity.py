@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from allocation.allocator import check_stepped, no_reduce
-from lora.model import adapter_layers
+from lora.targets import adapter_layers
 from lora.sparse import SparseLoRALinear, cubic_sparsity
 
 

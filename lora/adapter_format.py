@@ -32,7 +32,8 @@ import torch.nn as nn
 
 from lora.base import AdapterLayer
 from lora.config import LoraConfig
-from lora.model import CONTAINERS, find_modules_to_save, modules_outside_adapters
+from lora.model import CONTAINERS
+from lora.targets import find_modules_to_save, modules_outside_adapters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."

@@ -16,11 +16,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from lora.adapter_format import PREFIX, WEIGHTS_NAME, tensor_plan
-from lora.base import check_finite
+from lora.checks import check_finite
 from lora.config import (ADAPTERS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, AdapterSet, IA3Config, forget_adapters,
                          remember_config, remembered_config)
-from lora.model import (adapter_layers, adapter_names, build_adapters, install_adapters, mark_trainable, method_of,
-                        restore_flags, swap_modules)
+from lora.model import build_adapters, install_adapters, mark_trainable, method_of, swap_modules
+from lora.targets import adapter_layers, adapter_names
+from lora.trainable import restore_flags
 from lora.multi import check_adapter_name
 from lora.named import active_adapter, add_built_adapter, delete_adapter, unload
 from lora.peft_config import CONFIG_NAME, PAIRING_KEY, pairing_digest, read_config

@@ -18,10 +18,11 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from lora.adapter_format import SPARSE_MASKS, WEIGHTS_NAME, file_key, tensor_plan
-from lora.base import check_finite
+from lora.checks import check_finite
 from lora.config import DEFAULT_ADAPTER, LoraConfig
 from lora.files import replace_together
-from lora.model import CONTAINERS, adapter_layers, adapter_names, modules_outside_adapters
+from lora.model import CONTAINERS
+from lora.targets import adapter_layers, adapter_names, modules_outside_adapters
 from lora.peft_config import CONFIG_NAME, PAIRING_KEY, pairing_digest, resolve_config
 
 

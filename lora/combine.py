@@ -33,10 +33,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import resized_low_rank
+from lora.low_rank import resized_low_rank
 from lora.config import LoraConfig
 from lora.layers import LoRALinear
-from lora.model import adapter_names
+from lora.targets import adapter_names
 from lora.multi import check_adapter_name, low_rank_factors
 from lora.named import _check_unmerged, _layout, add_built_adapter
 

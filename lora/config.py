@@ -26,7 +26,7 @@ from typing import Sequence, Union
 
 import torch.nn as nn
 
-from lora.base import check_alpha, check_dropout, check_flag, check_rank
+from lora.checks import check_alpha, check_dropout, check_flag, check_rank
 
 # The methods lora.model.ADAPTER_CLASSES maps to layer classes. "adalora" is AdaLoRA's SVD form (lora/svd.py).
 METHODS = ("lora", "sparse", "hira", "dora", "adalora")

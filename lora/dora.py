@@ -6,7 +6,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import LowRankAdapter, base_weight, check_base, check_dtype, check_finite, work_dtype
+from lora.base import LowRankAdapter
+from lora.checks import check_base, check_dtype, check_finite
+from lora.layout import base_weight
+from lora.low_rank import work_dtype
 
 
 @torch.no_grad()

@@ -7,7 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lora.base import LowRankAdapter, base_weight, check_base, check_finite
+from lora.base import LowRankAdapter
+from lora.checks import check_base, check_finite
+from lora.layout import base_weight
 
 
 class HiRALinear(LowRankAdapter):

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import AdapterLayer, check_finite, check_flag
+from lora.base import AdapterLayer
+from lora.checks import check_finite, check_flag
 
 
 class IA3Linear(AdapterLayer):

@@ -6,7 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lora.base import LowRankAdapter, base_weight, check_base, check_finite, is_quantized, lora_scaling
+from lora.base import LowRankAdapter
+from lora.checks import check_base, check_finite
+from lora.layout import base_weight, is_quantized
+from lora.low_rank import lora_scaling
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
 

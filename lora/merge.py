@@ -7,9 +7,12 @@ import copy
 import torch
 import torch.nn as nn
 
-from lora.base import AdapterLayer, base_weight, check_finite, weight_layout
+from lora.base import AdapterLayer
+from lora.checks import check_finite
+from lora.layout import base_weight, weight_layout
 from lora.config import forget_adapters
-from lora.model import CONTAINERS, adapter_layers, modules_outside_adapters, swap_modules
+from lora.model import CONTAINERS, swap_modules
+from lora.targets import adapter_layers, modules_outside_adapters
 
 
 @torch.no_grad()

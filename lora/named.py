@@ -33,9 +33,9 @@ import torch.nn as nn
 from lora.base import AdapterLayer
 from lora.config import (ADAPTERS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, AdapterSet, IA3Config, LoraConfig,
                          adapter_set, forget_adapters, make_config)
-from lora.model import (CONTAINERS, _add_adapters, adapter_layers, adapter_names, build_adapters, mark_trainable,
-                        modules_outside_adapters, restore_flags,
-                        swap_modules)
+from lora.model import CONTAINERS, _add_adapters, build_adapters, mark_trainable, swap_modules
+from lora.targets import adapter_layers, adapter_names, modules_outside_adapters
+from lora.trainable import restore_flags
 from lora.multi import BASE_NAME, MultiAdapterLinear, check_adapter_name, is_shared, own_base, share_base
 
 Layout = dict  # module name -> (base layer, {adapter name: layer})

@@ -28,10 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lora.base import AdapterLayer, weight_layout
+from lora.base import AdapterLayer
+from lora.layout import weight_layout
 from lora.config import (CONFIG_ATTR, METHODS, IA3Config, LoraConfig, adapter_set, name_matches, pattern_value,
                          remembered_config)
-from lora.model import CONTAINERS, adapter_layers, method_of, modules_outside_adapters
+from lora.model import CONTAINERS, method_of
+from lora.targets import adapter_layers, modules_outside_adapters
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "sparse": "LORA",

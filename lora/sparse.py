@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import check_finite, check_rank, resized_low_rank
+from lora.checks import check_finite, check_rank
+from lora.low_rank import resized_low_rank
 from lora.layers import LoRALinear
 
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lora.base import LowRankAdapter, _set_data, lora_scaling, product_svd, work_dtype
+from lora.base import LowRankAdapter, _set_data
+from lora.low_rank import lora_scaling, product_svd, work_dtype
 
 
 class SVDLoRALinear(LowRankAdapter):

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from lora.base import AdapterLayer, is_linear_like
+from lora.base import AdapterLayer
+from lora.layout import is_linear_like
 from lora.config import (DEFAULT_ADAPTER, OUTPUT_LAYER_NAMES, LoraConfig, _compile, adapter_set, name_matches,
                          saved_name_matches)
 from lora.multi import MultiAdapterLinear

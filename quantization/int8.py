@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .nf4 import (FLOAT_DTYPES, blockwise_absmax, check_blocksize, check_float_tensor, check_shape,
-                  check_storage)
+from .blockwise import blockwise_absmax, check_blocksize, check_float_tensor, check_shape, check_storage
+from .nf4 import FLOAT_DTYPES
 
 
 @dataclass

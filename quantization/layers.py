@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .int8 import Int8Tensor, dequantize_int8, quantize_int8
-from .nf4 import DQ_BLOCKSIZE, FLOAT_DTYPES, NF4Tensor, check_blocksize, dequantize_nf4, quantize_nf4
+from .blockwise import check_blocksize
+from .nf4 import DQ_BLOCKSIZE, FLOAT_DTYPES, NF4Tensor, dequantize_nf4, quantize_nf4
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lora.base import AdapterLayer, is_quantized
+from lora.base import AdapterLayer
+from lora.layout import is_quantized
 from lora.layers import LoRALinear
 
 from .layers import Linear4bit, Linear8bit, is_conv1d

@@ -52,7 +52,7 @@ class _Context:
     def __init__(self, s: AblationSettings):
         self.s = s
         if s.task == "planted":
-            from trainers.planted import PlantedConfig, PlantedTask, build_planted
+            from trainers.planted_problem import PlantedConfig, PlantedTask, build_planted
             self.planted_cfg = PlantedConfig(dim=s.planted_dim, seed=s.seed, batch_size=s.batch_size,
                                              eval_examples=s.eval_examples or 1024)
             self.base, teacher, _ = build_planted(self.planted_cfg)

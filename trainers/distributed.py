@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lora.model import adapter_layers
+from lora.targets import adapter_layers
 
 
 @dataclass(frozen=True)

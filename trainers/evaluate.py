@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from lora.base import module_device
+from lora.layout import module_device
 from trainers import metrics
 from trainers.train import _label_keywords, _loss_of, logits_of
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_model
 
-from lora.adapter_io import save_adapter
-from lora.model import adapter_layers
+from lora.adapter_save import save_adapter
+from lora.targets import adapter_layers
 from trainers.config_checks import check_ints
 from trainers.configs import ALLOCATIONS, CONFIGS, METHODS, QUANTS, ExperimentConfig, get_config
 from trainers.data import get_task

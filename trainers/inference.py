@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from lora.merge import merge_lora_weights
-from lora.model import adapter_layers
+from lora.targets import adapter_layers
 from trainers.device import Runtime
 from trainers.prepare import base_bits
 

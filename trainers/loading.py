@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 
 from trainers import models
-from trainers.checkpoints import config_from_hf, load_hf_model, load_llama2c, read_hf_config, resolve_source
+from trainers.checkpoint_files import read_hf_config, resolve_source
+from trainers.checkpoint_keys import config_from_hf
+from trainers.checkpoints import load_hf_model
+from trainers.llama2c import load_llama2c
 from trainers.data import get_task, load_task, read_raw
 from trainers.paths import data_file
 from trainers.tokenization import Llama2cTokenizer, load_tokenizer, train_bpe_tokenizer

@@ -75,7 +75,8 @@ def stories_or_planted(steps: int, block: int, lr: float, planted_lr: float = 1e
     LoRA), planted_ranks (None for the real model).
     """
     if have_stories():
-        from trainers.experiments import load_model, load_task_for, make_evaluator
+        from trainers.evaluate import make_evaluator
+        from trainers.loading import load_model, load_task_for
         model, tokenizer = load_model("stories260K", "tiny_shakespeare", max_length=block)
         batch_size = fast(16, 8)
         data = load_task_for("tiny_shakespeare", tokenizer, max_length=block, limit=steps * batch_size)
@@ -87,7 +88,7 @@ def stories_or_planted(steps: int, block: int, lr: float, planted_lr: float = 1e
             evaluate=make_evaluator(data, max_examples=fast(256, 48)), targets=["q_proj", "v_proj"],
             planted_ranks=None)
     print("stories260K / Tiny Shakespeare not found: using the synthetic planted-rank MLP instead")
-    from trainers.planted import PlantedConfig, PlantedTask, build_planted
+    from trainers.planted_problem import PlantedConfig, PlantedTask, build_planted
     cfg = PlantedConfig(dim=64, nf4_grid=False)
     model, teacher, planted_ranks = build_planted(cfg)
     task = PlantedTask(teacher, cfg)

@@ -43,9 +43,11 @@ import torch
 import torch.nn as nn
 
 from allocation.budget import adamw_bytes, adapter_cap_from_total, adapter_params, base_bytes, dtype_bytes
-from lora.model import LoraConfig, find_targets
+from lora.config import LoraConfig
+from lora.targets import find_targets
 from quantization.model import plan_quantization
-from trainers.experiments import DEFAULT_TARGETS, MODEL_PRESETS, linear_layers
+from trainers.experiments import DEFAULT_TARGETS, MODEL_PRESETS
+from trainers.prepare import linear_layers
 from trainers.models import GPT2Config, LlamaConfig, build_model
 from trainers.plan_activations import F32, activation_bytes
 

@@ -65,7 +65,8 @@ def measure_here(point: dict, steps: int = 2) -> dict:
     import gc
 
     import torch
-    from trainers.experiments import ExperimentConfig, prepare
+    from trainers.configs import ExperimentConfig
+    from trainers.prepare import prepare
     from trainers.models import GPT2Config, LlamaConfig, build_model
     from trainers.plan import PlanConfig, plan_memory
     from trainers.train import TrainConfig, train

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora.base import module_device
+from lora.layout import module_device
 from trainers.config_checks import check_device, check_floats, check_ints
 
 MODULES = ("fc1", "fc2")

@@ -31,7 +31,9 @@ from allocation.hutchinson import hessian_traces, module_shapes, sensitivity_ran
 from allocation.precision import choose_precision, total_base_bytes
 from allocation.sparsity import SparsityAllocator
 from lora.config import IA3Config
-from lora.model import LoraConfig, adapter_layers, add_ia3_to_model, add_lora_to_model, find_targets
+from lora.config import LoraConfig
+from lora.model import add_ia3_to_model, add_lora_to_model
+from lora.targets import adapter_layers, find_targets
 from quantization.layers import Linear4bit, Linear8bit
 from quantization.model import HEAD_NAMES, quantize_model   # HEAD_NAMES: the task heads, never quantized or adapted
 from trainers import models

@@ -26,8 +26,10 @@ import torch
 import torch.nn as nn
 
 from quantization.stream import LazyTensor, fill_quantized, safetensors_tensors
-from trainers.checkpoints import (check_llama2c_kind, hf_key_map, hf_model_spec, llama2c_tensors, match_keys,
-                                  weight_files)
+from trainers.checkpoint_files import weight_files
+from trainers.checkpoint_keys import hf_key_map, match_keys
+from trainers.checkpoints import hf_model_spec
+from trainers.llama2c import check_llama2c_kind, llama2c_tensors
 from trainers.models import MODELS
 
 

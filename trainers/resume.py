@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from allocation.controller import restore_layer, snapshot_layer
-from lora.model import adapter_layers
+from allocation.resize import restore_layer, snapshot_layer
+from lora.targets import adapter_layers
 from trainers.optim import make_optimizer
 from trainers.results import atomic_torch_save
 

@@ -295,6 +295,6 @@ def load_tokenizer(source) -> Tokenizer:
             return Llama2cTokenizer.from_file(path)
         return HFTokenizer.from_file(path)
     if not path.exists():
-        from trainers.checkpoints import resolve_source  # hub ids, when online
+        from trainers.checkpoint_files import resolve_source  # hub ids, when online
         path = resolve_source(source, allow_patterns=TOKENIZER_FILES)
     return HFTokenizer.from_file(path)

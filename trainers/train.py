@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from lora.model import count_parameters
+from lora.trainable import count_parameters
 from trainers import distributed
 from trainers.config_checks import check_choice, check_device, check_dtype, check_floats, check_ints
 from trainers.device import Runtime

@@ -19,8 +19,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from trainers import paths
-from trainers.data.readers import (LOCAL_LAYOUT, DataUnavailable, RawData, UnknownTask, clean_ag_news,
-                                   wikitext_articles)
+from trainers.data.parsing import DataUnavailable, RawData, UnknownTask, clean_ag_news, wikitext_articles
+from trainers.data.readers import LOCAL_LAYOUT
 
 # name -> (dataset id, config, train split, eval split); news_summary is local only.
 HUB = {

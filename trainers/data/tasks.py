@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from trainers.data.readers import RawData, UnknownTask
+from trainers.data.parsing import RawData, UnknownTask
 from trainers.data.source import read_raw
 from trainers.data.spans import common_prefix, encode, fit, fit_qa
 
