@@ -52,24 +52,35 @@ _TABLES: dict = {}
 
 
 def _table(kind: str, device: torch.device) -> torch.Tensor:
-    """Cached code books / lookup tables per device (built on the CPU, then moved)."""
+    """Cached code books / lookup tables per device (built on the CPU, then moved).
+
+    Under torch.compile a table not cached yet is built inside the graph and not stored:
+    writing this module-level cache from a traced function (e.g. Linear4bit's autograd.Function)
+    is a side effect dynamo refuses. Eager calls fill the cache as before."""
     key = (kind, device)
+    if key not in _TABLES and torch.compiler.is_compiling():
+        return _build_table(kind).to(device)
     if key not in _TABLES:
-        if kind == "nf4":
-            t = nf4_levels()
-        elif kind == "nf4_mid":                           # the 15 decision boundaries
-            lv = nf4_levels()
-            t = (lv[:-1] + lv[1:]) / 2
-        elif kind == "nf4_pairs":                         # byte -> (level of high nibble, level of low)
-            lv = nf4_levels()
-            byte = torch.arange(256)
-            t = torch.stack([lv[byte >> 4], lv[byte & 15]], dim=1)   # (256, 2)
-        elif kind == "dyn8":
-            t = dynamic_map_signed()
-        elif kind == "dyn8_mid":
-            dm = dynamic_map_signed()
-            t = (dm[:-1] + dm[1:]) / 2
-        else:
-            raise KeyError(kind)
-        _TABLES[key] = t.to(device)
+        _TABLES[key] = _build_table(kind).to(device)
     return _TABLES[key]
+
+
+def _build_table(kind: str) -> torch.Tensor:
+    """One code book or lookup table, on the CPU."""
+    if kind == "nf4":
+        t = nf4_levels()
+    elif kind == "nf4_mid":                           # the 15 decision boundaries
+        lv = nf4_levels()
+        t = (lv[:-1] + lv[1:]) / 2
+    elif kind == "nf4_pairs":                         # byte -> (level of high nibble, level of low)
+        lv = nf4_levels()
+        byte = torch.arange(256)
+        t = torch.stack([lv[byte >> 4], lv[byte & 15]], dim=1)   # (256, 2)
+    elif kind == "dyn8":
+        t = dynamic_map_signed()
+    elif kind == "dyn8_mid":
+        dm = dynamic_map_signed()
+        t = (dm[:-1] + dm[1:]) / 2
+    else:
+        raise KeyError(kind)
+    return t

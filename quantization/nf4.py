@@ -169,11 +169,17 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Te
         raise TypeError(f"dequantize_nf4: dtype must be float32/float16/bfloat16, got {dtype}")
     n, bs = q.numel, q.blocksize
     device = q.packed.device
-    if out is None:
-        out = torch.empty(q.shape, dtype=dtype, device=device)
-    elif out.shape != torch.Size(q.shape) or out.dtype != dtype or not out.is_contiguous():
+    if out is not None and (out.shape != torch.Size(q.shape) or out.dtype != dtype or not out.is_contiguous()):
         raise ValueError(f"dequantize_nf4: out must be a contiguous {dtype} tensor of shape "
                          f"{tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
+    if torch.compiler.is_compiling():
+        # Under torch.compile (a compiled model holding a Linear4bit, or compiled_dequantize_nf4):
+        # the loop below reads storage_offset() and writes through out=, which are graph breaks
+        # (5 per Linear4bit call, forward and backward); the one-expression form traces whole.
+        w = dequantize_nf4_expression(q, dtype)
+        return w if out is None else out.copy_(w)
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=device)
     flat = out.view(-1)                                     # (n,)
     absmax = q.block_absmax()                               # (nblocks,) float32
     # (256,) one 8-byte word = 2 float32 levels; int64 rather than float64 because MPS has no float64
@@ -199,3 +205,25 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Te
         vals = pairs.index_select(0, idx).view(torch.float32)[:rem]
         torch.mul(vals, absmax[full], out=flat[full * bs:])
     return out
+
+
+def dequantize_nf4_expression(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The same values as `dequantize_nf4`, as one expression with no loop, `out=` or views of
+    raw storage: what torch.compile traces (dequantize_nf4 switches to it while compiling).
+
+    byte -> pair of levels (the 256-entry table), padded to whole blocks, times each block's
+    absmax, cut to n, cast.  Run eagerly this materialises every intermediate (several passes
+    over memory); compiled, inductor fuses gather, multiply and cast into one kernel that
+    reads n/2 bytes and writes n values once (quantization/compiled.py; measured against a
+    plain copy in trainers/bench/quant.py).
+    """
+    dtype = dtype or q.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dequantize_nf4_expression: dtype must be float32/float16/bfloat16, got {dtype}")
+    n, bs = q.numel, q.blocksize
+    nblocks = -(-n // bs)
+    pairs = _table("nf4_pairs", q.packed.device)                           # (256, 2) float32
+    levels = pairs[q.packed.long()].reshape(-1)                            # (2 ceil(n/2),) element order
+    levels = torch.nn.functional.pad(levels, (0, nblocks * bs - levels.numel()))
+    w = levels.view(nblocks, bs) * q.block_absmax()[:, None]               # (nblocks, bs) float32
+    return w.reshape(-1)[:n].to(dtype).view(q.shape)
