@@ -51,6 +51,13 @@ def dynamic_map_signed() -> torch.Tensor:
 _TABLES: dict = {}
 
 
+def is_compiling() -> bool:
+    """Whether torch.compile is tracing the caller (torch >= 2.3; older torch: False, and the eager
+    code paths are traced, with graph breaks)."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    return bool(check is not None and check())
+
+
 def _table(kind: str, device: torch.device) -> torch.Tensor:
     """Cached code books / lookup tables per device (built on the CPU, then moved).
 
@@ -58,7 +65,7 @@ def _table(kind: str, device: torch.device) -> torch.Tensor:
     writing this module-level cache from a traced function (e.g. Linear4bit's autograd.Function)
     is a side effect dynamo refuses. Eager calls fill the cache as before."""
     key = (kind, device)
-    if key not in _TABLES and torch.compiler.is_compiling():
+    if key not in _TABLES and is_compiling():
         return _build_table(kind).to(device)
     if key not in _TABLES:
         _TABLES[key] = _build_table(kind).to(device)

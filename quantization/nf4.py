@@ -36,7 +36,7 @@ import torch
 from .blockwise import (BLOCKSIZES, DQ_BLOCKSIZE, FLOAT_DTYPES, blockwise_absmax, check_blocksize,  # noqa: F401
                         check_float_tensor, check_shape, check_storage, dequantize_dynamic8, pack_nibbles,
                         quantize_dynamic8, unpack_nibbles)
-from .codebooks import _table, dynamic_map_signed, nf4_levels  # noqa: F401
+from .codebooks import _table, dynamic_map_signed, is_compiling, nf4_levels  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # The quantized tensor.
@@ -162,7 +162,9 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Te
     (output viewed as (nblocks, blocksize)).  Other dtypes gather into a float32 scratch
     chunk and the multiply writes the cast result into the output.  On the CPU the work is
     cut into chunks so the multiply reads what the gather just wrote from cache; on other
-    devices it is one shot.  No device-specific code otherwise.
+    devices it is one shot.  No device-specific code otherwise.  While torch.compile traces it
+    (a compiled model holding a Linear4bit; quantization/compiled.py) it computes
+    `dequantize_nf4_expression` instead: the same values, in a form that traces whole.
     """
     dtype = dtype or q.dtype
     if dtype not in FLOAT_DTYPES:
@@ -172,7 +174,7 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Te
     if out is not None and (out.shape != torch.Size(q.shape) or out.dtype != dtype or not out.is_contiguous()):
         raise ValueError(f"dequantize_nf4: out must be a contiguous {dtype} tensor of shape "
                          f"{tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
-    if torch.compiler.is_compiling():
+    if is_compiling():
         # Under torch.compile (a compiled model holding a Linear4bit, or compiled_dequantize_nf4):
         # the loop below reads storage_offset() and writes through out=, which are graph breaks
         # (5 per Linear4bit call, forward and backward); the one-expression form traces whole.

@@ -23,6 +23,10 @@ enough for `resume=True` to continue to the same losses, bit for bit, as a run
 that never stopped. That needs `batches(epoch)` to yield the same batches for
 the same epoch (seed any shuffling by the epoch, as `epoch_batches` does).
 
+`compile=True` (trainers/compiling.py): the loop calls a torch.compile wrapper of the model
+(`forward`), compiled again after a rank change; everything else (checkpoints, evaluation,
+allocators) uses `model` itself, so nothing saved changes.
+
 Several processes (torchrun; trainers/distributed.py): every rank reads the same global
 batches and keeps its share of the rows, the model is wrapped in DistributedDataParallel
 (only the trainable parameters' gradients are all-reduced), the logged loss is the mean
@@ -44,7 +48,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from lora.trainable import count_parameters
-from trainers import distributed
+from trainers import compiling, distributed
 from trainers.config_checks import check_choice, check_device, check_dtype, check_floats, check_ints
 from trainers.device import Runtime
 from trainers.memory import peak_memory, reset_peak_memory, trainable_bytes, training_state_bytes  # noqa: F401
@@ -77,6 +81,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1       # cosine/linear decay ends at lr * min_lr_ratio (not used by the _hf ones)
     parallel: str = "ddp"           # under torchrun: "ddp" (a whole replica per process) or "fsdp" (sharded;
                                     # plain LoRA on a float base, no checkpoints; trainers/distributed.py)
+    compile: bool = False           # run forward/backward through torch.compile (inductor; one process; compiled
+                                    # again after a rank change; checkpoints unchanged; trainers/compiling.py)
 
     def __post_init__(self):
         """Refuse a bad value when the config is built (trainers/config_checks.py)."""
@@ -86,6 +92,8 @@ class TrainConfig:
         check_floats(self, ("min_lr_ratio",), minimum=0, maximum=1)
         check_choice(self, "schedule", SCHEDULES)
         check_choice(self, "parallel", distributed.PARALLEL)
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"TrainConfig.compile must be True or False, got {self.compile!r}")
         check_device(self)
         check_dtype(self)
 
@@ -213,6 +221,8 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
     world = distributed.init(rt.device)
     torch.manual_seed(cfg.seed)
     model.to(rt.device)
+    if cfg.compile:
+        compiling.check_compile(world.world_size)
     fsdp = world.world_size > 1 and cfg.parallel == "fsdp"
     if fsdp:
         distributed.check_fsdp(model, allocator, cfg.checkpoint_every, resume)
@@ -236,6 +246,7 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
         optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.paged_adamw)
     model.zero_grad(set_to_none=True)   # e.g. gradients left by a sensitivity pass in prepare()
     net = distributed.wrap(model, rt.device) if world.world_size > 1 and not fsdp else model   # what forward runs
+    forward = compiling.compile_module(net) if cfg.compile else net    # a wrapper: `model` is what is saved
     wrapped = distributed.trainable_signature(model)
 
     # the data stream: batches(epoch), restarted with epoch + 1 when it runs out
@@ -290,9 +301,9 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
             mask = mask.to(rt.device, non_blocking=True) if mask is not None else None
             # DDP all-reduces the gradients in the last micro-batch's backward only
             last = net is model or micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if last else net.no_sync():
+            with contextlib.nullcontext() if last else net.no_sync(), compiling.errors(cfg.compile):
                 with rt.autocast():
-                    output = net(input_ids, attention_mask=mask, **label_keywords(labels))
+                    output = forward(input_ids, attention_mask=mask, **label_keywords(labels))
                     loss = _loss_of(output)
                     total = loss if allocator is None else loss + allocator.regularization(model)
                     total = total / cfg.grad_accum
@@ -331,9 +342,11 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
         # 7. allocator after the step (masking, rank changes)
         if allocator is not None:
             allocator.after_step(step, model, optimizer)
-            if net is not model and distributed.trainable_signature(model) != wrapped:
-                del net              # DDP's buckets hold the old shapes: wrap the resized model anew
-                net = distributed.wrap(model, rt.device)
+            if distributed.trainable_signature(model) != wrapped:    # a rank changed
+                if net is not model:
+                    del net, forward     # DDP's buckets hold the old shapes: wrap the resized model anew
+                    net = distributed.wrap(model, rt.device)
+                forward = compiling.recompile(net) if cfg.compile else net   # compiled for the new shapes
                 wrapped = distributed.trainable_signature(model)
         # 8. zero_grad, log
         optimizer.zero_grad(set_to_none=True)

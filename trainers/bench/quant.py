@@ -5,7 +5,11 @@ Throughput ratios are "how many times as fast": t_reference / t_ours, so higher 
     output's size (the memory traffic any dequantizer must at least do: write n floats);
   * vs bitsandbytes' dequantize_4bit (same NF4 + double quantization, block 64) on the
     same device, when bitsandbytes is installed;
-  * quantize_nf4 vs the same copy, and vs bitsandbytes' quantize_4bit.
+  * quantize_nf4 vs the same copy, and vs bitsandbytes' quantize_4bit;
+  * the compiled dequantization (quantization/compiled.py: torch.compile, one fused pass)
+    vs the same copy, vs the eager dequantize_nf4 and vs bitsandbytes, timed in the same
+    rounds (its compile happens in the untimed cold call; skipped, with the reason, where
+    torch.compile cannot run).
 Layer ratios are time ratios (lower is better): Linear4bit / Linear8bit forward+backward
 (input gradient only: the weight is frozen) vs a frozen float32 nn.Linear 768 -> 3072,
 batch 16 x 128 (quick: 8 x 128), and bitsandbytes' Linear4bit the same way.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from quantization import Linear4bit, Linear8bit, dequantize_nf4, quantize_nf4
+from quantization import CompileError, Linear4bit, Linear8bit, compiled_dequantize_nf4, dequantize_nf4, quantize_nf4
 from trainers.bench.layers import fwd_bwd
 from trainers.bench.timing import Settings, compare_row, skip_row, time_interleaved
 
@@ -23,6 +27,8 @@ SECTION = "quant"
 IN, OUT = 768, 3072
 ROWS = ("NF4 dequant throughput / copy", "NF4 dequant speed / bitsandbytes",
         "NF4 quantize throughput / copy", "NF4 quantize speed / bitsandbytes",
+        "NF4 compiled dequant throughput / copy", "NF4 compiled dequant speed / eager",
+        "NF4 compiled dequant speed / bitsandbytes",
         "Linear4bit fwd+bwd / fp32 Linear", "Linear8bit fwd+bwd / fp32 Linear",
         "Linear4bit fwd+bwd / bitsandbytes Linear4bit", "bitsandbytes Linear4bit fwd+bwd / fp32 Linear")
 
@@ -58,6 +64,12 @@ def run(settings: Settings) -> list:
     W = torch.randn(OUT, IN, device=device) * 0.02
     q = quantize_nf4(W)                                     # double quantization, block 64
     fns = {"copy": W.clone, "dequant": lambda: dequantize_nf4(q), "quant": lambda: quantize_nf4(W)}
+    try:
+        compiled_dequantize_nf4(q)                          # compiles here, or says why it cannot
+        fns["compiled"] = lambda: compiled_dequantize_nf4(q)
+        no_compile = None
+    except CompileError as error:
+        no_compile = str(error)
     if bnb is not None:
         import bitsandbytes.functional as BF
         bq, state = BF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -77,6 +89,15 @@ def run(settings: Settings) -> list:
                                 f"bitsandbytes {bnb.__version__} on {device.type}"))
     else:
         rows.append(skip_row(SECTION, "NF4 quantize speed / bitsandbytes", no_bnb))
+    compiled_rows = (("NF4 compiled dequant throughput / copy", "copy", size),
+                     ("NF4 compiled dequant speed / eager", "dequant", size),
+                     ("NF4 compiled dequant speed / bitsandbytes", "bnb_dequant",
+                      f"bitsandbytes {getattr(bnb, '__version__', '')} on {device.type}"))
+    for what, reference, note in compiled_rows:
+        if no_compile is not None or reference not in t:
+            rows.append(skip_row(SECTION, what, no_compile or no_bnb))
+        else:
+            rows.append(compare_row(SECTION, what, t[reference], t["compiled"], None, note))
 
     # --- frozen quantized layers, forward + backward -------------------------------------
     batch = 8 if settings.quick else 16
