@@ -61,12 +61,14 @@ def is_compiling() -> bool:
 def _table(kind: str, device: torch.device) -> torch.Tensor:
     """Cached code books / lookup tables per device (built on the CPU, then moved).
 
-    Under torch.compile a table not cached yet is built inside the graph and not stored:
-    writing this module-level cache from a traced function (e.g. Linear4bit's autograd.Function)
-    is a side effect dynamo refuses. Eager calls fill the cache as before."""
+    Under torch.compile a table not cached for `device` yet is the CPU one (cached when this
+    module is imported, below) moved inside the graph, and is not stored: writing this
+    module-level cache from a traced function (e.g. Linear4bit's autograd.Function) is a side
+    effect dynamo refuses, and building it there would put ndtri & co. in every compiled call.
+    Eager calls fill the cache as before."""
     key = (kind, device)
     if key not in _TABLES and is_compiling():
-        return _build_table(kind).to(device)
+        return _TABLES[(kind, torch.device("cpu"))].to(device)
     if key not in _TABLES:
         _TABLES[key] = _build_table(kind).to(device)
     return _TABLES[key]
@@ -91,3 +93,8 @@ def _build_table(kind: str) -> torch.Tensor:
     else:
         raise KeyError(kind)
     return t
+
+
+TABLE_KINDS = ("nf4", "nf4_mid", "nf4_pairs", "dyn8", "dyn8_mid")
+for _kind in TABLE_KINDS:          # the CPU tables, ready before anything is compiled (about a millisecond)
+    _table(_kind, torch.device("cpu"))

@@ -12,10 +12,11 @@ which traces its one-expression form (`dequantize_nf4_expression`) because the c
 loop is a graph break (nf4.py says where it switches). Still pure PyTorch: inductor writes
 the kernel (C++ on the CPU, Triton on a GPU); nothing here is hand-written in either.
 trainers/bench/quant.py times both paths against bitsandbytes and a plain copy of the
-output's size. (Measured on a 2-core CPU, 3072 x 768: compiled ~2.0 ms, eager ~1.3-1.7 ms,
-copy ~0.7-1.2 ms; inductor's CPU gather is not vectorised, so there the tuned eager path
-stays the default. The single pass is meant for GPUs, where eager runs several kernels;
-not measured here.)
+output's size. (On the shared 2-core CPU it was measured on, 3072 x 768 fp32: one
+thread, the compiled kernel took 1.2-1.4x the eager path's time; the quick benchmark with two
+threads under load, compiled 6.1x as fast as eager and 0.58x a copy's throughput. So eager
+stays the default: the compiled path is for compiled models, and for GPUs, where eager
+runs several kernels; not measured on a GPU here.)
 
 Compile failures surface at the first call, deep inside inductor (no C++ compiler on the
 CPU, no Triton for a GPU). `compile_errors(what, backend)` turns them into one
