@@ -33,7 +33,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from quantization.compiled import BACKEND, CompileError, check_compile_supported, compile_errors  # noqa: F401
+from quantization.compiled import BACKEND, check_compile_supported, compile_errors
 
 WHAT = "train: compile=True (--compile)"
 
