@@ -13,9 +13,9 @@ adapter done together (A stacked to (sum r, in)):
 
     dA_i = s_i (g_i B_i)^T x,   dB_i = s_i g_i^T (x A_i^T),   dx = g W.
 
-Measured (stories260K, LoRA r=8 on every linear, batch 8 x 128, one thread, profiler
-over 10 steps): the five layers' q/k/v and gate/up took 35 LoRA forward/backward
-calls per step; fused, 15 (the matmuls of a step fell from 209 to 139).
+Measured (stories260K, LoRA r=8 on every linear, batch 8 x 128, one thread): a forward
+and backward ran 276 matmuls (mm/addmm/bmm) per-layer, 218 fused; the 25 adapted q/k/v
+and gate/up layers are 10 autograd nodes instead of 25.
 
 The module structure is untouched: q_proj, k_proj, v_proj (gate_proj, up_proj) stay
 separate modules with their own names, state-dict keys and adapter files; this is only
