@@ -46,6 +46,8 @@ class ControllerConfig:
     memory_cap_bytes: int | None = None    # hard cap on adapter training bytes (None: no cap)
     beta: float = 0.9                      # curvature EMA factor
     signal: str = "grad_sq"                # "grad_sq" or "secant" (allocation.curvature)
+    keep_scaling: bool = False             # a resized layer keeps alpha / r (alpha follows the rank), so its
+                                           # step size does not jump; False: alpha stays (PEFT's rule)
 
     def __post_init__(self):
         self.check()
@@ -59,6 +61,8 @@ class ControllerConfig:
             _check_int("ControllerConfig.memory_cap_bytes", self.memory_cap_bytes, 1, none=True)
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta < 1.0:
             raise ValueError(f"ControllerConfig.beta must be in [0, 1), got {self.beta!r}")
+        if not isinstance(self.keep_scaling, bool):
+            raise ValueError(f"ControllerConfig.keep_scaling must be a bool, got {self.keep_scaling!r}")
         if self.signal not in SIGNALS:
             raise ValueError(f"ControllerConfig.signal must be one of {SIGNALS}, got {self.signal!r}")
 
@@ -135,7 +139,7 @@ class RankController:
         snaps = {n: snapshot_layer(by_name[n], optimizer) for n, _ in changes}
         try:
             for n, r in changes:
-                resize_with_state(by_name[n], r, optimizer)
+                resize_with_state(by_name[n], r, optimizer, self.config.keep_scaling)
         except BaseException:           # all-or-nothing: a failed resize puts every layer back
             for n, _ in changes:
                 restore_layer(by_name[n], snaps[n], optimizer)

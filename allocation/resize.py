@@ -85,8 +85,9 @@ def _renew_parameters(layer: nn.Module, optimizer) -> None:
 
 
 @torch.no_grad()
-def resize_with_state(layer: nn.Module, new_rank: int, optimizer=None) -> None:
-    """layer.resize(new_rank) and carry the AdamW state of lora_A / lora_B (see the module docstring)."""
+def resize_with_state(layer: nn.Module, new_rank: int, optimizer=None, keep_scaling: bool = False) -> None:
+    """layer.resize(new_rank, keep_scaling=...) and carry the AdamW state of lora_A / lora_B (see the
+    module docstring; with keep_scaling the scaling ratio r is 1)."""
     if hasattr(layer, "lora_E"):
         raise TypeError(f"resize_with_state: {type(layer).__name__} is in SVD form; its ranks are set by "
                         f"masking (AdaLoRAAllocator), not by the rank controller")
@@ -96,7 +97,7 @@ def resize_with_state(layer: nn.Module, new_rank: int, optimizer=None) -> None:
     pA, pB = layer.lora_A, layer.lora_B
     work = torch.promote_types(pA.dtype, torch.float32)                         # fp32, or fp64 if given
     A0, B0 = pA.detach().to(work).clone(), pB.detach().to(work).clone()         # (r, in), (out, r)
-    layer.resize(new_rank)                      # same Parameter objects, new shapes
+    layer.resize(new_rank, keep_scaling=keep_scaling)   # same Parameter objects, new shapes
     _renew_parameters(layer, optimizer)
     pA, pB = layer.lora_A, layer.lora_B
     if optimizer is None:

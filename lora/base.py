@@ -16,14 +16,20 @@ weight's). The delta is computed in that dtype and the sum is returned in the
 dtype of the base layer's output, so a bf16 base with an fp32 adapter gives bf16.
 
 Scaling across `resize`: `scaling` is always `alpha / r` (or `alpha / sqrt(r)`
-with rsLoRA) for the current r, as in PEFT, and `alpha` never changes, so a saved
-adapter means the same thing with per-layer ranks in `rank_pattern`. When the rank
-changes, B is multiplied by `old_scaling / new_scaling`, so the product
-`scaling * B @ A` (and the layer's output) is unchanged. Growing keeps the rows of
+with rsLoRA) for the current r, as in PEFT. By default `alpha` never changes, so a
+saved adapter means the same thing with per-layer ranks in `rank_pattern`, and when the
+rank changes B is multiplied by `old_scaling / new_scaling`, so the product
+`scaling * B @ A` (and the layer's output) is unchanged. That makes the layer's step
+size under Adam jump with the rank (Adam moves B by ~lr per entry whatever its scale,
+so the output moves by ~scaling * lr): `resize(k, keep_scaling=True)` instead lets
+alpha follow the rank (alpha / r stays put, like `alpha_pattern = 2 r`), so B is left as
+it is and the step size stays the same; the new alpha is the layer's, saved per layer. Growing keeps the rows of
 A bit-for-bit at `[:r_old]` and the columns of B at `[:, :r_old]` (times that
 factor); carried-over Adam moments for B are then off by the same constant factor.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -194,8 +200,10 @@ class LowRankAdapter(AdapterLayer):
         return self.rank
 
     @torch.no_grad()
-    def resize(self, new_rank: int) -> None:
+    def resize(self, new_rank: int, *, keep_scaling: bool = False) -> None:
         """Change the rank keeping `scaling * B @ A` (hence the output) unchanged.
+
+        keep_scaling: alpha follows the rank so `scaling` stays what it was (module docstring).
 
         Growing: old entries stay at [:r_old], new A rows kaiming, new B columns 0.
         Shrinking: top singular directions of the current update (see
@@ -208,15 +216,24 @@ class LowRankAdapter(AdapterLayer):
         training with `allocation.resize.resize_with_state`, which also moves
         the optimizer state and re-registers fresh Parameters.
         """
-        self._check_resizable(new_rank)
+        self._check_resizable(new_rank, keep_scaling)
         A, B = resized_low_rank(self.lora_A.data, self.lora_B.data, new_rank)
-        self._set_factors(A, B)
+        self._set_factors(A, B, self._alpha_at(new_rank, keep_scaling))
 
-    def _check_resizable(self, new_rank) -> None:
-        """What every resize checks before changing anything: the rank, not merged, finite factors
-        (an SVD of NaN factors fails halfway or spreads the NaN to every entry)."""
+    def _alpha_at(self, new_rank: int, keep_scaling: bool) -> float:
+        """alpha after a resize to new_rank: the same, or with keep_scaling the alpha' for which
+        lora_scaling(alpha', new_rank) is today's scaling (scaling is linear in alpha)."""
+        if not keep_scaling:
+            return self.alpha
+        return self.alpha * lora_scaling(1.0, self.rank, self.use_rslora) / \
+            lora_scaling(1.0, new_rank, self.use_rslora)
+
+    def _check_resizable(self, new_rank, keep_scaling: bool = False) -> None:
+        """What every resize checks before changing anything: the rank, the flag, not merged, finite
+        factors (an SVD of NaN factors fails halfway or spreads the NaN to every entry)."""
         name = f"{type(self).__name__}.resize"
         check_rank(new_rank, name)
+        check_flag(keep_scaling, f"{name}: keep_scaling")
         if self.merged:
             raise RuntimeError(f"{name}: unmerge() before changing the rank")
         for pname, p in self.named_parameters():
@@ -224,18 +241,21 @@ class LowRankAdapter(AdapterLayer):
                 check_finite(p, f"{name}: {pname}")
 
     @torch.no_grad()
-    def _set_factors(self, A: Tensor, B: Tensor) -> None:
+    def _set_factors(self, A: Tensor, B: Tensor, alpha: float | None = None) -> None:
         """Install new factors A (k, in), B (out, k) whose product B @ A is meant at the OLD scaling.
 
-        Updates `scaling` to alpha / k and multiplies B by old/new scaling, so
-        scaling * B @ A is what it was meant to be. Keeps the Parameter objects.
+        Sets alpha (if given) and `scaling` to alpha / k and multiplies B by old/new scaling, so
+        scaling * B @ A is what it was meant to be. Keeps the Parameter objects; changes
+        nothing if the swap fails.
         """
-        new_rank = A.shape[0]
-        new_scaling = lora_scaling(self.alpha, new_rank, self.use_rslora)
+        alpha = self.alpha if alpha is None else alpha
+        new_scaling = lora_scaling(alpha, A.shape[0], self.use_rslora)
+        if math.isclose(new_scaling, self.scaling, rel_tol=1e-12):   # keep_scaling: no rounding-only rescale
+            new_scaling = self.scaling
         if new_scaling != self.scaling:
             B = (B.to(work_dtype(B)) * (self.scaling / new_scaling)).to(B.dtype)
         _set_data((self.lora_A, A), (self.lora_B, B))
-        self.scaling = new_scaling
+        self.alpha, self.scaling = alpha, new_scaling
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

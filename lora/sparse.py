@@ -121,10 +121,10 @@ class SparseLoRALinear(LoRALinear):
         return kept
 
     @torch.no_grad()
-    def resize(self, new_rank: int) -> None:
+    def resize(self, new_rank: int, *, keep_scaling: bool = False) -> None:
         """As LowRankAdapter.resize. Growing keeps the masks and adds dense new components;
         shrinking (SVD of the update) gives dense factors, so the masks reset to all-ones."""
-        self._check_resizable(new_rank)
+        self._check_resizable(new_rank, keep_scaling)
         old = self.rank
         A, B = self._factors()
         A, B = resized_low_rank(A, B, new_rank)
@@ -135,7 +135,7 @@ class SparseLoRALinear(LoRALinear):
         else:
             mask_A = torch.ones(A.shape, dtype=torch.bool, device=A.device)
             mask_B = torch.ones(B.shape, dtype=torch.bool, device=B.device)
-        self._set_factors(A, B)   # the last step that can fail: all-or-nothing itself
+        self._set_factors(A, B, self._alpha_at(new_rank, keep_scaling))   # the last step that can fail
         self.mask_A, self.mask_B = mask_A, mask_B
 
     def nonzeros(self) -> dict:

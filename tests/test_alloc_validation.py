@@ -175,11 +175,11 @@ def test_a_resize_failing_on_the_last_layer_undoes_the_others(monkeypatch):
     params = [p for g in opt.param_groups for p in g["params"]]
     real, calls = controller.resize_with_state, []
 
-    def flaky(layer, rank, optimizer=None):
+    def flaky(layer, rank, optimizer=None, keep_scaling=False):
         calls.append(rank)
         if len(calls) == 3:
             raise RuntimeError("injected")
-        real(layer, rank, optimizer)
+        real(layer, rank, optimizer, keep_scaling)
     monkeypatch.setattr(controller, "resize_with_state", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         ctrl.apply_ranks({"0": 2, "2": 6, "4": 5}, opt)

@@ -345,3 +345,51 @@ def test_help_explains_each_option_with_its_fields_comment(capsys):
     assert "--clip CLIP max global gradient norm; 0 disables clipping (default 1.0)" in text
     assert "--tinit VALUE AdaLoRA: warm-up steps before pruning; None: 10 % of the steps" in text
     assert "--bits VALUE 4 | 8 | mixed | none | c_attn=8,c_fc=4" in text        # the CLI's text form
+
+
+# ----------------------------------------------------------------------------- presets
+
+def _matrix_call(monkeypatch, argv):
+    """The arguments `matrix` hands to run_matrix (nothing runs)."""
+    seen = {}
+    def fake_run_matrix(tasks, configs, train_cfg, root, settings, **kw):
+        seen.update(tasks=tasks, configs=configs, train=train_cfg, settings=settings, **kw)
+        return []
+    monkeypatch.setattr(cli, "run_matrix", fake_run_matrix)
+    monkeypatch.setattr(cli, "_draw", lambda folder: [])
+    assert cli.main(["matrix", *argv]) == 0
+    return seen
+
+
+def test_a_preset_fills_in_the_protocol_and_given_flags_win(monkeypatch, tmp_path):
+    from trainers.presets import PRESETS
+    preset = PRESETS["real-ranks"]
+    seen = _matrix_call(monkeypatch, ["--preset", "real-ranks", "--results", str(tmp_path)])
+    assert seen["tasks"] == preset.tasks.split(",") and seen["configs"] == preset.configs.split(",")
+    train, settings = seen["train"], seen["settings"]
+    assert (train.steps, train.batch_size, train.lr, train.warmup_steps, train.schedule, train.clip) == \
+        (600, 16, 3e-3, 30, "cosine_hf", 0.0)
+    assert (settings.model, settings.max_length, settings.eval_examples) == ("stories260K", 256, None)
+    assert seen["overrides"] == {"target_modules": "all-linear"}
+    # anything given on the command line replaces the preset's value, the rest stays
+    seen = _matrix_call(monkeypatch, ["--preset", "real-ranks", "--tasks", "wikitext2", "--steps", "7",
+                                      "--targets", "q_proj", "--results", str(tmp_path)])
+    assert seen["tasks"] == ["wikitext2"] and seen["train"].steps == 7 and seen["train"].lr == 3e-3
+    assert seen["overrides"] == {"target_modules": ("q_proj",)}
+    # without a preset nothing changes: --tasks is required and the defaults are TrainConfig's
+    seen = _matrix_call(monkeypatch, ["--tasks", "sst2", "--results", str(tmp_path)])
+    assert seen["train"].steps == TrainConfig().steps and seen["overrides"] == {}
+
+
+def test_every_preset_names_real_fields_configs_and_tasks():
+    from trainers.presets import PRESETS
+    for preset in PRESETS.values():
+        defaults = cli._preset_defaults(preset)          # ValueError for a name that is no field
+        assert set(preset.tasks.split(",")) <= set(TASKS)
+        assert set(preset.configs.split(",")) <= set(CONFIGS)
+        assert defaults["tasks"] == preset.tasks
+
+
+def test_an_unknown_preset_is_one_error_line(capsys):
+    assert cli.main(["matrix", "--preset", "nope"]) == 2
+    assert "known presets: real-ranks" in one_error_line(capsys)

@@ -181,3 +181,32 @@ def test_product_svd_equals_the_svd_of_the_formed_product(d_in, d_out, rank):
     assert torch.all(S_ref[S.numel():].abs() < 1e-9)
     torch.testing.assert_close(U.t() @ U, torch.eye(U.shape[1], dtype=torch.float64))  # orthonormal
     torch.testing.assert_close(Vh @ Vh.t(), torch.eye(Vh.shape[0], dtype=torch.float64))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(kind=kinds, d_in=st.integers(3, 20), d_out=st.integers(3, 20), rank=st.integers(2, 6),
+       new=st.integers(1, 9), rslora=st.booleans())
+def test_keep_scaling_lets_alpha_follow_the_rank(kind, d_in, d_out, rank, new, rslora):
+    """keep_scaling: scaling (so the step size under Adam) stays, alpha = its rule at the new rank,
+    B is not rescaled when growing, and the output is what a default resize gives."""
+    layer = trained(kind, d_in, d_out, rank, alpha=2.0 * rank, rslora=rslora).double()
+    twin = trained(kind, d_in, d_out, rank, alpha=2.0 * rank, rslora=rslora).double()
+    s_old, B_old = layer.scaling, layer.lora_B.detach().clone()
+    x = torch.randn(5, d_in, dtype=torch.float64)
+    with torch.no_grad():
+        layer.resize(new, keep_scaling=True)
+        twin.resize(new)
+        y, y_twin = layer(x), twin(x)
+    assert layer.scaling == pytest.approx(s_old) and twin.scaling == pytest.approx(lora_scaling(2.0 * rank, new, rslora))
+    assert lora_scaling(layer.alpha, new, rslora) == pytest.approx(s_old)
+    assert twin.alpha == 2.0 * rank                                  # the default keeps alpha
+    if new >= rank:
+        assert torch.equal(layer.lora_B[:, :rank], B_old)            # no rescale: nothing to undo
+    torch.testing.assert_close(y, y_twin)
+
+
+def test_keep_scaling_must_be_a_flag_and_a_refused_resize_changes_nothing():
+    layer = trained("lora", 6, 5, 3)
+    with pytest.raises(TypeError, match="keep_scaling must be True or False"):
+        layer.resize(4, keep_scaling="yes")
+    assert (layer.rank, layer.alpha) == (3, 8.0)

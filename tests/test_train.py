@@ -587,3 +587,24 @@ def test_train_a_transformers_gpt2():
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_resume_of_a_keep_scaling_run_restores_alpha(tmp_path):
+    """A controller that lets alpha follow the rank: the resumed run rebuilds the same alphas."""
+    from allocation.controller import ControllerConfig, CurvatureRankAllocator
+    data = make_data(n=40)
+    c = cfg(steps=12, checkpoint_every=4)
+    conf = lambda: ControllerConfig(interval=3, warmup=3, r_min=1, r_max=6, rank_step=2, keep_scaling=True)
+    full_model = make_model()
+    full = train(full_model, epoch_batches(data, 8), c, out_dir=tmp_path / "a",
+                 allocator=CurvatureRankAllocator(full_model, conf()))
+    assert full_model.mid.rank != 2 and full_model.mid.alpha / full_model.mid.rank == 2.0   # it grew, ratio kept
+    with pytest.raises(Crash):
+        model = make_model()
+        train(model, crashing(epoch_batches(data, 8), after=9), c, out_dir=tmp_path / "b",
+              allocator=CurvatureRankAllocator(model, conf()))
+    model = make_model()
+    resumed = train(model, epoch_batches(data, 8), c, out_dir=tmp_path / "b", resume=True,
+                    allocator=CurvatureRankAllocator(model, conf()))
+    assert (model.mid.rank, model.mid.alpha) == (full_model.mid.rank, full_model.mid.alpha)
+    assert [r["loss"] for r in resumed.loss_log] == [r["loss"] for r in full.loss_log]

@@ -3,6 +3,7 @@
     python -m trainers                                   the offline planted-rank benchmark (trainers/planted.py)
     python -m trainers run --config B-Q4 --task sst2 --model gpt2-tiny --steps 300
     python -m trainers matrix --tasks sst2,tiny_shakespeare --configs B-FP,B-Q4,SADRA --model gpt2-tiny
+    python -m trainers matrix --preset real-ranks        a named protocol (trainers/presets.py); flags still win
     python -m trainers ablate rank ...                   trainers/ablations.py
     python -m trainers plots --results results/          redraw every figure from the files
     python -m trainers plan --model llama-7b --method qlora   will it fit? (trainers/plan.py)
@@ -32,7 +33,9 @@ from pathlib import Path
 from trainers.configs import CONFIGS, get_config
 from trainers.distributed import world_from_env
 from trainers.experiments import MODEL_HELP, RunSettings, describe, run_matrix, run_task
-from trainers.flags import add_dataclass_args, add_experiment_args, experiment_overrides, from_args  # noqa: F401
+from trainers.flags import (EXPERIMENT_DEST, add_dataclass_args, add_experiment_args, experiment_overrides,
+                            from_args)
+from trainers.presets import PRESETS, Preset, get_preset
 from trainers.results import RUN_FILES, check_run_dir, checkpoint_progress, run_state, write_summary
 from trainers.train import NonFiniteLossError, TrainConfig
 
@@ -60,7 +63,33 @@ def _names(text: str, known, what: str, parser: argparse.ArgumentParser) -> list
     return names
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _preset_in(argv: list[str]) -> Preset | None:
+    """The preset `matrix --preset NAME` names (KeyError listing the known ones), else None."""
+    if not argv or argv[0] != "matrix":
+        return None
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    known, _ = pre.parse_known_args(argv[1:])
+    return None if known.preset is None else get_preset(known.preset)
+
+
+def _preset_defaults(preset: Preset) -> dict:
+    """The preset's values as argparse defaults: experiment fields under their override names."""
+    fields = {f.name for cls in (TrainConfig, RunSettings) for f in dataclasses.fields(cls)}
+    experiment = {f.name for f in dataclasses.fields(get_config("B-FP"))}
+    out = {"tasks": preset.tasks, "configs": preset.configs}
+    for name, value in preset.options.items():
+        if name in fields:
+            out[name] = value
+        elif name in experiment:
+            out[EXPERIMENT_DEST + name] = value
+        else:
+            raise ValueError(f"preset {preset.name!r}: option {name!r} is not a TrainConfig, RunSettings or "
+                             f"ExperimentConfig field")
+    return out
+
+
+def build_parser(preset: Preset | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainers", epilog=_epilog(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="nanopeft: parameter-efficient fine-tuning experiments.")
@@ -75,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--task", required=True, help=f"one of: {', '.join(_known_tasks())}")
             p.add_argument("--name", default=None, help="run folder name (default <task>__<config>)")
         else:
-            p.add_argument("--tasks", required=True, help="comma-separated task names")
+            p.add_argument("--tasks", required=preset is None, help="comma-separated task names")
             p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated config names (default all)")
+            p.add_argument("--preset", choices=list(PRESETS), metavar="PRESET",
+                           help="a named protocol filling in every option it names (flags given still win): "
+                                + "; ".join(f"{k}: {v.description} ({v.run_time})" for k, v in PRESETS.items()))
         p.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")
         p.add_argument("--overwrite", action="store_true",
                        help="replace a finished run in the folder (its files; others stay). It refuses a run "
@@ -90,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_args(p, TrainConfig, "training (TrainConfig)")
         add_dataclass_args(p, RunSettings, "model and data (RunSettings)")
         add_experiment_args(p)
+        if name == "matrix" and preset is not None:
+            p.set_defaults(**_preset_defaults(preset))
     p = sub.add_parser("ablate", help="rank, target-module or memory ablation (trainers/ablations.py)")
     p.add_argument("kind", choices=ABLATIONS)
     p.add_argument("rest", nargs=argparse.REMAINDER,
@@ -153,7 +187,7 @@ def _main(argv: list[str]) -> int:
     if argv[0] == "plan":                                 # the memory planner parses its own options
         from trainers import plan
         return plan.main(argv[1:])
-    parser = build_parser()
+    parser = build_parser(_preset_in(argv))
     args = parser.parse_args(argv)
     if args.command in ("run", "matrix"):
         train_cfg, settings = from_args(TrainConfig, args), from_args(RunSettings, args)   # checked here

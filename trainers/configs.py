@@ -51,7 +51,8 @@ class ExperimentConfig:
     allocation: str = "uniform"            # "uniform" | "adalora" | "hutchinson" | "curvature" | "manual"
     rank_pattern: dict | None = None       # manual: {module name or pattern: rank}; None: a depth ramp
     description: str = ""
-    target_r: int | None = None            # AdaLoRA: average rank at the end of the budget schedule; None: r // 2
+    target_r: int | None = None            # AdaLoRA: average rank at the end of the budget schedule; None: the
+                                           # budget rank (--budget-rank), so it ends at uniform's parameter count
     lora_dropout: float = 0.0
     mixed_high_fraction: float = 0.5       # "mixed": base budget = all-4-bit + this share of the 8-bit extra
     sparsity: float = 0.5                  # "sparse": final fraction of zeros in A and B
@@ -126,8 +127,8 @@ _C = ExperimentConfig
 CONFIGS: dict[str, ExperimentConfig] = {c.name: c for c in [
     _C("B-FP", description="LoRA r=8 on the full-precision base (baseline)"),
     _C("B-Q4", quant=4, description="QLoRA: NF4 + double-quantized base, LoRA r=8"),
-    _C("B-Ada", method="adalora", allocation="adalora", r=12, target_r=4,
-       description="AdaLoRA: SVD-form adapters from r=12 pruned to an average r=4 by importance"),
+    _C("B-Ada", method="adalora", allocation="adalora", r=12,
+       description="AdaLoRA: SVD-form adapters from r=12 pruned by importance to the budget rank (8) on average"),
     _C("Joint-1", method="adalora", allocation="adalora", r=12, target_r=4, quant=4,
        description="adaptive ranks (AdaLoRA 12->4) on an NF4 base"),
     _C("Joint-2", method="adalora", allocation="adalora", r=12, target_r=4, quant="mixed",

@@ -55,8 +55,8 @@ def experiment_for(label: str, cfg: PlantedConfig):
                                    description="LoRA given the planted ranks (rank_pattern); no adapter where k=0")
     exp = dataclasses.replace(CONFIGS[dict(METHODS)[label]], target_modules=MODULES)
     if exp.allocation == "adalora":
-        # The matrix's B-Ada prunes 12 -> 4; here every method gets the same final budget
-        # (uniform r = budget_rank), starting from twice that (so a layer can reach rank 16).
+        # The matrix's B-Ada prunes 12 -> the budget rank; here it starts from twice the budget
+        # rank (so a layer can reach rank 16) and ends at uniform r = budget_rank like every method.
         exp = dataclasses.replace(exp, r=2 * cfg.budget_rank, target_r=cfg.budget_rank)
     return exp
 

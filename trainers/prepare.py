@@ -164,7 +164,7 @@ def prepare(model: nn.Module, exp: ExperimentConfig, calibration: Callable[[], I
     if exp.allocation == "curvature":
         return model, _curvature_allocator(model, exp, shapes, budget_rank, steps)
     if exp.allocation == "adalora":
-        return model, _adalora_allocator(model, exp, steps)
+        return model, _adalora_allocator(model, exp, budget_rank, steps)
     if exp.method == "sparse":
         return model, SparsityAllocator(model, steps or 400, exp.sparsity, exp.l1)
     return model, NullAllocator(model)
@@ -190,15 +190,16 @@ def _curvature_allocator(model: nn.Module, exp: ExperimentConfig, shapes: dict, 
     interval = exp.interval or max(1, (steps or 400) // 10)
     cfg = ControllerConfig(interval=interval, warmup=interval, r_min=exp.r_min or 2,
                            r_max=exp.r_max or 4 * budget_rank, n_change=exp.n_change or max(1, len(shapes) // 3),
-                           memory_cap_bytes=cap)
+                           memory_cap_bytes=cap, keep_scaling=exp.alpha_per_rank is not None)
     return CurvatureRankAllocator(model, cfg)
 
 
-def _adalora_allocator(model: nn.Module, exp: ExperimentConfig, steps: int | None) -> AdaLoRAAllocator:
+def _adalora_allocator(model: nn.Module, exp: ExperimentConfig, budget_rank: int,
+                       steps: int | None) -> AdaLoRAAllocator:
     """AdaLoRA's schedule; unless given, paced by the run: warm-up 10 % of the steps, final phase 20 %,
-    a masking every 1 %."""
+    a masking every 1 %, ending at an average of the budget rank (at most the start rank)."""
     total = steps or 400
-    cfg = AdaLoRAConfig(init_r=exp.r, target_r=exp.target_r or max(1, exp.r // 2),
+    cfg = AdaLoRAConfig(init_r=exp.r, target_r=exp.target_r or min(exp.r, budget_rank),
                         tinit=total // 10 if exp.tinit is None else exp.tinit,
                         tfinal=total // 5 if exp.tfinal is None else exp.tfinal,
                         deltaT=exp.delta_t or max(1, total // 100), orth_reg_weight=exp.orth_reg_weight)

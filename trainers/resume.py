@@ -199,8 +199,9 @@ def _load_checkpoint(path: Path, model, allocator, scaler, cfg: TrainConfig):
     backups = {"rng": _rng_state(), "allocator": allocator.state_dict() if allocator is not None else None,
                "scaler": scaler.state_dict() if scaler is not None else None}
     try:
+        keep = bool(getattr(getattr(allocator, "config", None), "keep_scaling", False))   # alpha follows r
         for name, rank in resize.items():
-            layers[name].resize(rank)
+            layers[name].resize(rank, keep_scaling=keep)
         _check_after_resize(state, model, where)
         params = dict(model.named_parameters())
         order = [params[n] for group in state["optimizer_param_names"] for n in group]
