@@ -113,10 +113,14 @@ def theirs(model_name: str, kind: str, quick: bool, device, llama: LlamaConfig |
         return peft.get_peft_model(model, lora).to(device)
 
 
-def _compiled_step(model: nn.Module, kind: str, idx: torch.Tensor):
-    """A train step over torch.compile(model), run once here so that a failure shows now (raises)."""
+def _compiled_step(model: nn.Module, kind: str, idx: torch.Tensor, side: str):
+    """A train step over torch.compile(model), run once here so that a failure shows now
+    (raises, naming the side)."""
     step = W.train_step(torch.compile(model), kind, idx)
-    step()
+    try:
+        step()
+    except Exception as err:
+        raise RuntimeError(f"{side}: {type(err).__name__}: {err}") from err
     return step
 
 
@@ -147,10 +151,11 @@ def run(settings: Settings) -> list:
             try:
                 fns = ({"ours": W.train_step(mine, kind, idx), "theirs": W.train_step(other, hf_kind, idx)}
                        if mode == "eager" else
-                       {"ours": _compiled_step(mine, kind, idx), "theirs": _compiled_step(other, hf_kind, idx)})
+                       {"ours": _compiled_step(mine, kind, idx, "ours"),
+                        "theirs": _compiled_step(other, hf_kind, idx, "theirs")})
             except Exception as err:                       # torch.compile unavailable or failing here
-                rows.append(skip_row(SECTION, what, f"torch.compile failed: {type(err).__name__}: "
-                                     f"{' '.join(str(err).split())[:160]}", target))
+                rows.append(skip_row(SECTION, what, f"torch.compile failed, "
+                                     f"{' '.join(str(err).split())[:200]}", target))
                 continue
             t = time_interleaved(fns, settings)
             rows.append(compare_row(SECTION, what, t["theirs"], t["ours"], target,
