@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from trainers.bench import alloc, inference, layers, load, multi_adapter, quant, scaling, train_step
+from trainers.bench import alloc, inference, layers, load, multi_adapter, quant, scaling, train_step, vs_hf
 from trainers.bench.timing import Row, Settings, format_table
 from trainers.device import Runtime
 from trainers.results import atomic_write_text, check_writable
 
 # Section name -> its module (each has SECTION, ROWS and run(settings) -> list[Row]), in run order.
-SECTIONS = {"layers": layers, "quant": quant, "train_step": train_step, "inference": inference,
+SECTIONS = {"layers": layers, "quant": quant, "train_step": train_step, "vs_hf": vs_hf, "inference": inference,
             "alloc": alloc, "scaling": scaling, "multi_adapter": multi_adapter,
             "load": load}
 DEFAULT_JSON = Path("bench_results") / "bench.json"

@@ -39,10 +39,16 @@ def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
     logits (B, T, V), labels (B, T) aligned with the inputs (HF `labels` convention):
     the shift happens here, and labels equal to -100 are ignored.
+
+    Speed: the labels are shifted, not the logits. Slicing logits[:, :-1] made a copy of
+    the (B, T-1, V) logits to flatten them, and a zero-filled (B, T, V) gradient in backward
+    to scatter it back; padding the shifted labels with IGNORE_INDEX at the last position
+    gives the same mean over the same terms with a view (GPT-2 small, batch 4 x 128: two
+    100 MiB copies fewer per step).
     """
     V = logits.size(-1)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): position t's target is token t+1
+    return F.cross_entropy(logits.reshape(-1, V).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def last_real_token(input_ids: Tensor, attention_mask: Tensor | None, pad_token_id: int | None) -> Tensor:

@@ -37,6 +37,14 @@ from torch.utils.checkpoint import checkpoint
 
 from trainers.models.common import (KVCache, cached_causal_mask, classify_last_token, generate,
                                     next_token_loss, span_loss)
+from trainers.models.fused import project
+
+# F.scaled_dot_product_attention reads k, v with fewer heads itself from torch 2.5 (enable_gqa),
+# so k and v are not copied n_heads / n_kv_heads times (nor their gradients summed back).
+_SDPA_GQA = torch.__version__ >= "2.5"
+# F.rms_norm (torch 2.4) in float32 computes RMSNorm.forward's formula in one kernel instead of six
+# (stories260K LoRA step, 11 norms: 0.59 -> 0.44 ms forward + backward per norm, one thread).
+_FUSED_RMS_NORM = hasattr(F, "rms_norm")
 
 
 @dataclass
@@ -87,6 +95,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if _FUSED_RMS_NORM and x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # same math, one kernel each way
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -127,17 +137,22 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.size()
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))  # one matmul when it can (models/fused.py)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)  # (B, nkv, T_past + T, hs)
-        group = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(group, dim=1)  # (B, nh, T_k, hs): query head h reads kv head h // group
-        v = v.repeat_interleave(group, dim=1)  # (B, nh, T_k, hs)
+        group = self.n_heads // self.n_kv_heads  # query head h reads kv head h // group
+        gqa = {}
+        if group > 1 and _SDPA_GQA:
+            gqa = {"enable_gqa": True}
+        elif group > 1:
+            k = k.repeat_interleave(group, dim=1)  # (B, nh, T_k, hs)
+            v = v.repeat_interleave(group, dim=1)  # (B, nh, T_k, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+                                           dropout_p=self.dropout if self.training else 0.0, **gqa)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
 
@@ -151,7 +166,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, C)
+        gate, up = project(x, (self.gate_proj, self.up_proj))  # (B, T, hidden) each, one matmul when it can
+        return self.down_proj(F.silu(gate) * up)  # (B, T, C)
 
 
 class DecoderLayer(nn.Module):
