@@ -28,8 +28,14 @@ b(t) triplets with the highest scores over all layers stay active; the others ge
 Λ = 0 and mask 0. In the final phase the mask is frozen. The budget only
 decreases, so a pruned triplet (mask 0: no gradient, its score decays) stays pruned.
 
-The loss gets γ sum_k (||P_k^T P_k - I||_F^2 + ||Q_k Q_k^T - I||_F^2), which keeps
-P, Q near orthogonal so that λ really is the size of a direction.
+The loss gets γ mean over the 2K factors of the K layers of ||P_k^T P_k - I||_F and
+||Q_k Q_k^T - I||_F, which keeps P, Q near orthogonal so that λ really is the size of a
+direction. That is the form of the authors' code (QingruZhang/AdaLoRA, loralib
+`compute_orth_regu`; PEFT's AdaLoRA too), with which γ = 0.1 was tuned; the paper writes
+R = ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 per layer, summed. The summed squared form is
+~200x stronger at initialisation on stories260K with all 35 linear layers (about 800 γ
+against 3.4 γ), and with γ = 0.1 it gave held-out perplexity 17.7 where the mean form gives
+the figure in README's real-model table.
 """
 from __future__ import annotations
 
@@ -88,9 +94,10 @@ def svd_layers(model: nn.Module) -> list[tuple[str, SVDLoRALinear]]:
 
 
 def orthogonal_regularizer(model: nn.Module):
-    """sum over SVD layers of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 (0.0 when there are none)."""
-    terms = [layer.orthogonality() for _, layer in svd_layers(model)]
-    return torch.stack(terms).sum() if terms else 0.0
+    """The mean over the SVD layers' factors of ||P^T P - I||_F and ||Q Q^T - I||_F (module
+    docstring; 0.0 when there are none)."""
+    terms = [t for _, layer in svd_layers(model) for t in layer.orthogonality_terms()]
+    return torch.stack(terms).mean() if terms else 0.0
 
 
 class AdaLoRAAllocator:

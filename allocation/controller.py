@@ -45,7 +45,7 @@ class ControllerConfig:
     n_change: int = 1                      # layers grown (and at most shrunk, as the cap needs) per decision
     memory_cap_bytes: int | None = None    # hard cap on adapter training bytes (None: no cap)
     beta: float = 0.9                      # curvature EMA factor
-    signal: str = "grad_sq"                # "grad_sq" or "secant" (allocation.curvature)
+    signal: str = "grad_sq"                # "grad_sq", "spread" or "secant" (allocation.curvature)
     keep_scaling: bool = False             # a resized layer keeps alpha / r (alpha follows the rank), so its
                                            # step size does not jump; False: alpha stays (PEFT's rule)
 

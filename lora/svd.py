@@ -79,10 +79,16 @@ class SVDLoRALinear(LowRankAdapter):
         self.lora_E.masked_fill_(~keep[:, None], 0.0)
 
     def orthogonality(self) -> Tensor:
-        """||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 (AdaLoRA's regulariser for this layer)."""
+        """||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 (AdaLoRA's regulariser for this layer, as the paper
+        writes it)."""
+        return sum(t.square() for t in self.orthogonality_terms())
+
+    def orthogonality_terms(self) -> tuple[Tensor, Tensor]:
+        """(||P^T P - I||_F, ||Q Q^T - I||_F): how far each factor is from orthonormal (the authors'
+        code averages these over all factors: allocation.adalora.orthogonal_regularizer)."""
         P, Q = self.lora_B, self.lora_A
         eye = torch.eye(self.rank, device=P.device, dtype=P.dtype)
-        return (P.t() @ P - eye).square().sum() + (Q @ Q.t() - eye).square().sum()
+        return torch.linalg.matrix_norm(P.t() @ P - eye), torch.linalg.matrix_norm(Q @ Q.t() - eye)
 
     @torch.no_grad()
     def resize(self, new_rank: int) -> None:

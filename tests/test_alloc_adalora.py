@@ -127,10 +127,12 @@ def test_orthogonal_regularizer():
     assert layer.orthogonality().item() == pytest.approx(0.0, abs=1e-20)
     with torch.no_grad():
         layer.lora_B.mul_(2.0)                                              # P^T P = 4 I: ||3 I||^2 = 36
+    assert layer.orthogonality().item() == pytest.approx(36.0)
     model = nn.Sequential(layer, nn.Tanh(), _layer(r=3, d_in=7, d_out=2))
     other = model[2]
-    manual = 36.0 + (other.lora_B.t() @ other.lora_B - torch.eye(3, dtype=D)).square().sum() + \
-        (other.lora_A @ other.lora_A.t() - torch.eye(3, dtype=D)).square().sum()
+    # the authors' code: the mean over the 4 factors of the unsquared norms (||3 I||_F = 6 for P, 0 for Q)
+    manual = (6.0 + 0.0 + (other.lora_B.t() @ other.lora_B - torch.eye(3, dtype=D)).square().sum().sqrt() +
+              (other.lora_A @ other.lora_A.t() - torch.eye(3, dtype=D)).square().sum().sqrt()) / 4
     assert orthogonal_regularizer(model).item() == pytest.approx(manual.item())
     alloc = AdaLoRAAllocator(model, AdaLoRAConfig(target_r=2, orth_reg_weight=0.25), total_steps=10)
     assert alloc.regularization(model).item() == pytest.approx(0.25 * manual.item())

@@ -385,3 +385,25 @@ def test_plan_fills_free_budget_without_shrinking():
     ctrl.config.memory_cap_bytes = ctrl.planned_bytes({n: 8 for n in ctrl.ranks()})
     plan = ctrl.plan({"layers.0": 1.0, "layers.1": 9.0, "layers.2": 0.1})
     assert plan == {"layers.0": 6, "layers.1": 6, "layers.2": 4}       # room left: nobody shrinks
+
+
+def test_spread_signal_is_the_gradient_energy_beyond_each_factors_leading_direction():
+    """signal="spread": a rank-one gradient scores 0, whatever its size; otherwise ||g||^2 - σ_1^2 per
+    parameter, summed over A and B (checked against the eigenvalues of g g^T)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), rank=3)
+    tracker = CurvatureTracker(0.5, "spread")
+    u, v = torch.randn(5, 1), torch.randn(1, 3)
+    layer.lora_B.grad, layer.lora_A.grad = 100 * u @ v, torch.zeros(3, 6)      # huge but rank one
+    assert tracker.update([("l", layer)])["l"] == pytest.approx(0.0, abs=1e-3)
+    gB, gA = torch.randn(5, 3), torch.randn(3, 6)
+    layer.lora_B.grad, layer.lora_A.grad = gB.clone(), gA.clone()
+    beyond = sum(float(torch.linalg.eigvalsh(g @ g.T)[:-1].sum()) for g in (gB, gA))  # all but the top σ^2
+    assert tracker.update([("l", layer)])["l"] == pytest.approx(beyond / (15 + 18), rel=1e-4)
+    assert CurvatureTracker(0.5, "grad_sq").update([("l", layer)])["l"] > beyond / 33
+
+
+def test_the_configs_know_every_curvature_signal():
+    from allocation.curvature import SIGNALS
+    from trainers.configs import SIGNALS as CONFIG_SIGNALS
+    assert CONFIG_SIGNALS == SIGNALS

@@ -31,6 +31,7 @@ import json
 import numbers
 from dataclasses import dataclass
 
+SIGNALS = ("grad_sq", "spread", "secant")   # allocation.curvature.SIGNALS (checked equal in the tests)
 METHODS = ("lora", "sparse", "hira", "dora", "adalora", "ia3", "full")
 ALLOCATIONS = ("uniform", "adalora", "hutchinson", "curvature", "manual")
 QUANTS = (None, 4, 8, "mixed")            # or a {layer pattern: 4 | 8} dict
@@ -70,11 +71,14 @@ class ExperimentConfig:
     interval: int | None = None            # curvature: steps between rank decisions; None: 10 decisions a run
     n_change: int | None = None            # curvature: layers grown per decision; None: a third of the layers
     memory_cap_bytes: int | None = None    # curvature: cap on adapter training bytes; None: uniform budget rank's
+    signal: str = "grad_sq"                # curvature: "grad_sq", "spread" or "secant" (allocation/curvature.py)
 
     def __post_init__(self):
         from trainers.config_checks import check_floats, check_ints
         if self.method not in METHODS:
             raise ValueError(f"{self.name}: method must be one of {METHODS}, got {self.method!r}")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"{self.name}: signal must be one of {SIGNALS}, got {self.signal!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"{self.name}: allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if isinstance(self.quant, dict):
@@ -135,10 +139,12 @@ CONFIGS: dict[str, ExperimentConfig] = {c.name: c for c in [
        description="adaptive ranks (AdaLoRA 12->4) on a mixed 8/4-bit base chosen by Hutchinson sensitivity"),
     _C("Joint-3", allocation="manual", quant="mixed",
        description="manual rank pattern (a depth ramp at the r=8 budget unless given) + mixed 8/4-bit base"),
-    _C("SADRA", allocation="hutchinson",
-       description="one-shot ranks from Hutchinson Hessian traces, r in [2, 32] at the uniform r=8 budget"),
-    _C("DRaFT-Q", allocation="curvature", r=4, quant=4,
-       description="EMA-curvature dynamic ranks from r=4 under the r=8 memory cap, NF4 base"),
+    _C("SADRA", allocation="hutchinson", alpha_per_rank=2.0,
+       description="one-shot ranks from Hutchinson Hessian traces, r in [2, 32] at the uniform r=8 budget, "
+                   "alpha = 2 r (uniform's alpha / r)"),
+    _C("DRaFT-Q", allocation="curvature", r=8, quant=4, alpha_per_rank=2.0, r_min=4, r_max=16, signal="spread",
+       description="EMA-curvature dynamic ranks from r=8 within [4, 16] under the r=8 memory cap, NF4 base, "
+                   "alpha = 2 r kept through resizes"),
     _C("Sparse-LoRA", method="sparse", description="LoRA r=8 with L1 and magnitude pruning of A and B"),
     _C("HiRA", method="hira", lr_scale=10.0,
        description="HiRA: high-rank update W0 * (B A), r=8, lr x 10 (at LoRA's lr it barely moves: tutorial 5)"),

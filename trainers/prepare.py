@@ -190,7 +190,7 @@ def _curvature_allocator(model: nn.Module, exp: ExperimentConfig, shapes: dict, 
     interval = exp.interval or max(1, (steps or 400) // 10)
     cfg = ControllerConfig(interval=interval, warmup=interval, r_min=exp.r_min or 2,
                            r_max=exp.r_max or 4 * budget_rank, n_change=exp.n_change or max(1, len(shapes) // 3),
-                           memory_cap_bytes=cap, keep_scaling=exp.alpha_per_rank is not None)
+                           memory_cap_bytes=cap, keep_scaling=exp.alpha_per_rank is not None, signal=exp.signal)
     return CurvatureRankAllocator(model, cfg)
 
 
