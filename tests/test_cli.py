@@ -393,3 +393,15 @@ def test_every_preset_names_real_fields_configs_and_tasks():
 def test_an_unknown_preset_is_one_error_line(capsys):
     assert cli.main(["matrix", "--preset", "nope"]) == 2
     assert "known presets: real-ranks" in one_error_line(capsys)
+
+
+def test_a_preset_builds_what_the_command_line_builds(monkeypatch, tmp_path):
+    """Preset.train_config / .experiment (for code: tutorial 9) give the matrix command's values."""
+    import dataclasses
+    from trainers.configs import get_config
+    from trainers.presets import PRESETS
+    preset = PRESETS["real-ranks"]
+    seen = _matrix_call(monkeypatch, ["--preset", "real-ranks", "--results", str(tmp_path)])
+    assert preset.train_config() == seen["train"]
+    assert preset.train_config(steps=5).steps == 5
+    assert preset.experiment("SADRA") == dataclasses.replace(get_config("SADRA"), **seen["overrides"])

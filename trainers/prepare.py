@@ -183,8 +183,9 @@ def _mixed_bits(model: nn.Module, names: list[str], traces: dict, high_fraction:
 def _curvature_allocator(model: nn.Module, exp: ExperimentConfig, shapes: dict, budget_rank: int,
                          steps: int | None) -> CurvatureRankAllocator:
     """DRaFT-Q's controller. Defaults: ten decisions over the run, each growing a third of the
-    layers by 2; from r=4 the cap (the training bytes of uniform `budget_rank`) fills in about
-    half of them, then rank flows to the curved layers."""
+    layers by 2 under a cap of the training bytes of uniform `budget_rank` (from a start below the
+    cap it fills first, then rank flows to the layers that score highest); alpha follows the rank
+    when the config sets alpha_per_rank."""
     cap = exp.memory_cap_bytes or sum(training_bytes(adapter_params(i, o, budget_rank, exp.method))
                                       for i, o in shapes.values())
     interval = exp.interval or max(1, (steps or 400) // 10)

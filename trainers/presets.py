@@ -12,7 +12,7 @@ option's name without dashes (`warmup_steps` is `--warmup-steps`); experiment ov
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,21 @@ class Preset:
     configs: str                           # comma-separated configuration names (--configs)
     options: dict = field(default_factory=dict)   # option name -> value, as on the command line
     run_time: str = ""                     # measured wall time of the whole matrix, and where
+
+    def train_config(self, **changes):
+        """The preset's TrainConfig (its training options over TrainConfig's defaults), with `changes`."""
+        from trainers.train import TrainConfig
+        names = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{**{k: v for k, v in self.options.items() if k in names}, **changes})
+
+    def experiment(self, config: str):
+        """Named configuration `config` with the preset's experiment options applied (text forms
+        parsed as the command line parses them)."""
+        from trainers.configs import FIELD_PARSERS, ExperimentConfig, get_config
+        names = {f.name for f in fields(ExperimentConfig)}
+        given = {k: FIELD_PARSERS[k](v) if k in FIELD_PARSERS and isinstance(v, str) else v
+                 for k, v in self.options.items() if k in names}
+        return replace(get_config(config), **given)
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [

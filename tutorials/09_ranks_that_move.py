@@ -9,9 +9,9 @@
 #   ΔW = P Λ Q, starts every layer at a generous rank, scores each singular triplet
 #   (P[:, i], λ_i, Q[i]) by importance, and prunes the least important ones down a cubic
 #   budget schedule until the average rank reaches its target.
-# - **DRaFT-Q** (this project's recipe, `allocation/controller.py`) starts small, keeps an
-#   exponential moving average of a curvature signal per layer, and every K steps grows the
-#   most curved layer and shrinks the least curved one, under a hard cap on the adapters'
+# - **DRaFT-Q** (this project's recipe, `allocation/controller.py`) keeps an exponential
+#   moving average of a cheap gradient signal per layer, and every K steps grows the layers
+#   that score highest and shrinks those that score lowest, under a hard cap on the adapters'
 #   training memory, rolling a change back if it would break the cap.
 #
 # To see whether the ranks go where they should, we need a problem whose answer is known:
@@ -145,23 +145,31 @@ print("  " + "  ".join(f"{scores[layer][i].item():.1e}{'*' if mask[i] else ''}" 
 # ## DRaFT-Q: curvature EMA, a memory cap, and rollback
 #
 # Every step, with no extra backward pass, `CurvatureTracker` reads each layer's adapter
-# gradients and updates an EMA of the mean squared gradient (the diagonal of the empirical
-# Fisher, a standard curvature proxy):
+# gradients and updates an exponential moving average of a signal computed from them. The
+# library's recipe uses `signal="spread"`, the gradient energy beyond each factor's leading
+# direction, per adapter parameter:
 #
-#     c_t = β c_{t-1} + (1 - β) ||g_t||² / n          (n = the layer's adapter parameter count)
+#     c_t = β c_{t-1} + (1 - β) Σ_F (||g_F||² - σ₁(g_F)²) / n     (F = lora_A, lora_B; n = their size)
 #
-# Every K steps the controller grows the layer with the largest c by `rank_step` and shrinks
-# the one with the smallest. A grow appends zero columns to B, so the layer's output does
+# The other choice, `signal="grad_sq"`, drops the σ₁² term: the mean squared gradient, the
+# diagonal of the empirical Fisher, a standard curvature proxy. It measures how much the loss
+# reacts to a layer, not how much one more rank would add; the real-model section below shows
+# where that difference matters.
+#
+# Every K steps the controller grows the layers with the largest c by `rank_step` and shrinks
+# the ones with the smallest. A grow appends zero columns to B, so the layer's output does
 # not change at that moment; a shrink keeps the best rank-k approximation of B A (truncated
-# SVD). Adam's moments are carried over to the new shapes, not reset.
+# SVD). Adam's moments are carried over to the new shapes, not reset, and alpha follows the
+# rank (alpha = 2 r), so a resized layer keeps its scaling alpha / r and its step size.
 #
 # The cap is on the adapters' training bytes (weights + gradients + two AdamW moments): the
-# bytes of uniform r = 8, while the adapters start at r = 4. The plan is checked against
+# bytes of uniform r = 8, and the adapters start at r = 8, so from the first decision on rank
+# only moves between layers. The plan is checked against
 # the byte accounting first; after applying it the bytes are *measured*, and if they are over
 # the cap, everything (factors, scaling, optimizer state) is restored to the snapshot taken
 # just before. DRaFT-Q runs on a 4-bit (NF4) base, as in the matrix. The library's recipe
 # (`ControllerConfig`, printed below) decides ten times over the run, each time growing a third
-# of the layers by 2 ranks, between r = 2 and r = 32.
+# of the layers by 2 ranks, between r = 4 and r = 16.
 
 # %%
 draft_model, draft = build("DRaFT-Q")                      # CurvatureRankAllocator(model, ControllerConfig(...))
@@ -169,10 +177,10 @@ recipe = draft.config
 cap = recipe.memory_cap_bytes
 print("DRaFT-Q's recipe:", recipe)
 assert cap == sum(training_bytes(adapter_params(cfg.dim, cfg.dim, cfg.budget_rank)) for _ in names)  # uniform r=8
-assert {layer.rank for _, layer in adapter_layers(draft_model)} == {4}                              # starts at r=4
+assert {layer.rank for _, layer in adapter_layers(draft_model)} == {8}                              # starts at r=8
 assert any(isinstance(m, Linear4bit) for m in draft_model.modules())                                # an NF4 base
-assert (recipe.interval, recipe.n_change, recipe.rank_step, recipe.r_min, recipe.r_max) == (
-    T // 10, len(names) // 3, 2, 2, 32), recipe
+assert (recipe.interval, recipe.n_change, recipe.rank_step, recipe.r_min, recipe.r_max, recipe.signal,
+        recipe.keep_scaling) == (T // 10, len(names) // 3, 2, 4, 16, "spread", True), recipe
 draft_result = train(draft_model, batches, train_cfg, allocator=draft, evaluate=task.evaluate)
 draft_ranks = draft.rank_history[-1]["ranks"]
 print(f"DRaFT-Q: held-out MSE {draft_result.metrics['mse']:.4g}; adapter training bytes "
@@ -243,19 +251,15 @@ for n in names:
 # Reading the numbers (the asserts below check each sentence, in fast and full mode alike):
 #
 # - Both methods put more rank where the planted updates are larger: ρ is well above zero for
-#   both (over seeds 0-4 of the quick setting AdaLoRA's ρ was 0.75-0.90 and DRaFT-Q's about
-#   0.9; the check asks for 0.4, as the benchmark's test does).
-# - DRaFT-Q, which moves rank to the curved layers while training, ends with a lower MSE than
-#   uniform LoRA at the same budget.
-# - AdaLoRA ranks the layers about as well, but whether that becomes a lower loss depends on
-#   the run: in the full mode (d = 64, 600 steps) it ends below uniform LoRA, in fast mode's
-#   quick setting (d = 32, 400 steps) *above* it. Ranks that track the truth are necessary for
-#   a low loss, not sufficient; the training has to fit them too.
+#   both (the check asks for 0.4, as the benchmark's test does).
+# - Both end with a lower held-out MSE than uniform LoRA at the same final budget: on this
+#   problem the rank a layer needs is what decides the loss, and both find it from gradients.
+#   (Before AdaLoRA's orthogonality penalty took the authors' scale, see
+#   `allocation/adalora.py`, it was ~200x stronger and AdaLoRA lost to uniform in fast mode.)
 
 # %%
 assert rho["AdaLoRA"] > 0.4 and rho["DRaFT-Q"] > 0.4, rho
-assert mse["DRaFT-Q"] < mse["uniform LoRA r=8"], mse
-assert (mse["AdaLoRA"] > mse["uniform LoRA r=8"]) if FAST else (mse["AdaLoRA"] < mse["uniform LoRA r=8"]), mse
+assert mse["DRaFT-Q"] < mse["uniform LoRA r=8"] and mse["AdaLoRA"] < mse["uniform LoRA r=8"], mse
 
 # %% [markdown]
 # ## On a real pretrained model
@@ -271,8 +275,6 @@ assert (mse["AdaLoRA"] > mse["uniform LoRA r=8"]) if FAST else (mse["AdaLoRA"] <
 # could add, because one rank already follows the leading direction.
 
 # %%
-from dataclasses import replace
-
 from trainers.presets import PRESETS
 
 have_real = have_stories()
@@ -281,10 +283,10 @@ if not have_real:
           "(NANOPEFT_DATA or ../shared/data)")
 else:
     from allocation.hutchinson import default_loss
-    from trainers.configs import CONFIGS
     from trainers.experiments import load_model, load_task_for, make_evaluator
 
-    protocol = PRESETS["real-ranks"].options
+    preset = PRESETS["real-ranks"]
+    protocol = preset.options
     length = protocol["max_length"]
     real, tokenizer = load_model("stories260K", "tiny_shakespeare", max_length=length)
     text = load_task_for("tiny_shakespeare", tokenizer, max_length=length)
@@ -324,20 +326,14 @@ else:
 # %%
 if have_real:
     assert largest == "v_proj" and spread["v_proj"][2] < min(v[2] for k, v in spread.items() if k != "v_proj")
-    from trainers.prepare import prepare as prepare_run
-    from trainers.train import TrainConfig
-
     steps = fast(protocol["steps"], 40)
-    real_cfg = TrainConfig(steps=steps, batch_size=protocol["batch_size"], lr=protocol["lr"],
-                           warmup_steps=fast(protocol["warmup_steps"], 4), schedule=protocol["schedule"],
-                           clip=protocol["clip"], eval_every=0, progress=False)
+    real_cfg = preset.train_config(steps=steps, warmup_steps=fast(protocol["warmup_steps"], 4), progress=False)
     evaluate = make_evaluator(text, max_examples=fast(None, 64))
     real_runs = {}
     for name in ("B-FP", "DRaFT-Q"):
         torch.manual_seed(0)
         model, _ = load_model("stories260K", "tiny_shakespeare", max_length=length)
-        exp = replace(CONFIGS[name], target_modules=protocol["target_modules"])
-        model, allocator = prepare_run(model, exp, None, protocol["budget_rank"], steps=steps)
+        model, allocator = prepare(model, preset.experiment(name), None, protocol["budget_rank"], steps=steps)
         result = train(model, lambda epoch: text.batches("train", protocol["batch_size"], shuffle=True,
                                                          seed=epoch, drop_last=True),
                        real_cfg, evaluate=evaluate, allocator=allocator)
@@ -359,9 +355,8 @@ if have_real:
 # - DRaFT-Q moves rank both ways from a cheap curvature EMA, never exceeds its memory cap
 #   (checked by accounting, then by measurement, with rollback), and carries Adam's state
 #   across every resize.
-# - On a problem with known answers both rank the layers roughly as planted (ρ above); DRaFT-Q
-#   turns that into a lower loss than uniform LoRA in both modes, AdaLoRA only in the longer
-#   full run. `python -m trainers` (the planted benchmark) runs the same recipes beside QLoRA,
+# - On a problem with known answers both rank the layers roughly as planted (ρ above) and
+#   turn that into a lower loss than uniform LoRA. `python -m trainers` (the planted benchmark) runs the same recipes beside QLoRA,
 #   SADRA and the oracle.
 #
 # Next: run the whole experiment matrix and read its results (tutorial 10).
