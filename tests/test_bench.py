@@ -107,7 +107,9 @@ def _check_complete(result, sections):
         if r["status"] == "skip":
             assert r["ratio"] is None and r["note"]          # a skipped row says why
         else:
-            assert math.isfinite(r["ratio"]) and r["ratio"] >= 0
+            # a fitted exponent (time ~ size^p) is near 0 where time hardly depends on the size
+            # (LoRA step ~ r^0.04), so noise can make it negative; ratios cannot be
+            assert math.isfinite(r["ratio"]) and (r["ratio"] >= 0 or "^p" in r["what"])
         if r["target"] and r["status"] != "skip":
             assert r["status"] == ("pass" if meets(r["ratio"], r["target"]) else "miss")
 

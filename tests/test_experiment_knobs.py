@@ -56,12 +56,12 @@ def test_every_experiment_field_is_a_flag():
                    "--lora-dropout", "0.1", "--mixed-high-fraction", "0.25", "--sparsity", "0.3", "--l1", "0.01",
                    "--alpha-per-rank", "2", "--lr-scale", "10", "--r-min", "1", "--r-max", "12", "--tinit", "2",
                    "--tfinal", "3", "--delta-t", "4", "--orth-reg-weight", "0.2", "--interval", "5",
-                   "--n-change", "2", "--memory-cap-bytes", "100000")
+                   "--n-change", "2", "--memory-cap-bytes", "100000", "--signal", "spread")
     assert got == dict(r=6, lora_alpha=12.0, target_modules="all-linear", quant={"c_attn": 8, "c_fc": 4},
                        method="dora", allocation="manual", rank_pattern={"c_attn": 4}, target_r=3, lora_dropout=0.1,
                        mixed_high_fraction=0.25, sparsity=0.3, l1=0.01, alpha_per_rank=2.0, lr_scale=10.0, r_min=1,
                        r_max=12, tinit=2, tfinal=3, delta_t=4, orth_reg_weight=0.2, interval=5, n_change=2,
-                       memory_cap_bytes=100000)
+                       memory_cap_bytes=100000, signal="spread")
     fields = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"name", "description"}
     assert set(got) == fields
     assert parse()[1] == {}                          # not given: the named config's values stay

@@ -61,7 +61,7 @@ def test_every_named_config_is_there_and_described():
     assert c["B-Q4"].quant == 4 and c["Joint-1"].quant == 4 and c["DRaFT-Q"].quant == 4
     assert c["Joint-2"].quant == "mixed" and c["Joint-3"].quant == "mixed" and c["Joint-3"].allocation == "manual"
     assert (c["B-Ada"].r, c["B-Ada"].target_r, c["B-Ada"].method) == (12, None, "adalora")   # None: the budget
-    assert (c["DRaFT-Q"].allocation, c["DRaFT-Q"].r) == ("curvature", 4)
+    assert (c["DRaFT-Q"].allocation, c["DRaFT-Q"].r) == ("curvature", 8)
     assert c["SADRA"].allocation == "hutchinson"
     assert [c[n].method for n in ("Sparse-LoRA", "HiRA", "DoRA", "Full-FT")] == ["sparse", "hira", "dora", "full"]
 

@@ -25,7 +25,7 @@ compute-dtype bytes, f = 4, B sequences of T tokens, N = B T, V the vocabulary.
 The peak. Gradients are set to None after each step (the loop's zero_grad), the logits are
 held until backward returns, and activations are freed as gradients appear, so the step's
 peak is the largest of
-    backward start   weights + moments + activations + logits (N V a) + 2 (N - B) V f (loss gradients)
+    backward start   weights + moments + activations + logits (N V a) + 2 N V f (loss gradients)
     lm_head backward weights + moments + activations - log-probs + 2 logits + lm_head's weight gradient
     backward end     weights + moments + gradients + logits
     optimizer step   weights + moments + gradients + step temporaries (torch's foreach AdamW on
@@ -261,7 +261,7 @@ def plan_memory(cfg: PlanConfig, model: nn.Module | None = None) -> MemoryPlan:
     plan.head_grad = model.lm_head.weight.numel() * w if full else 0
     base = sum(plan.weights.values()) + plan.adapters + plan.optimizer
     plan.phases = {
-        "backward start": base + plan.activations + plan.logits + 2 * (N - cfg.batch) * V * F32,
+        "backward start": base + plan.activations + plan.logits + 2 * N * V * F32,
         "lm_head backward": base + plan.activations - plan.log_probs + 2 * plan.logits + plan.head_grad,
         "backward end": base + plan.gradients + plan.logits,
         "optimizer step": base + plan.gradients + plan.step_temp,

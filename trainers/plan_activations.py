@@ -16,7 +16,8 @@ dL/dW only), which is why LoRA's activations are smaller than full fine-tuning's
                      Linear inputs      C a (c_attn) + C a (c_fc) + 4C a (mlp.c_proj) if they train;
                                         attn.c_proj reads the attention output, already kept
     LLaMA block      RMSNorm x2         (C + 1) f each (+ C a for the normalised x if the norm trains)
-                     attention          4C a (q, k and v repeated to h heads, output) + h f
+                     attention          2C a (q, output) + 2 K a (k, v at the K = n_kv_heads x head
+                                        width: SDPA reads grouped heads itself from torch 2.5) + h f
                      SwiGLU             3H a (gate, silu(gate), up)
                      Linear inputs      C a (q, k, v) + C a (gate, up) + H a (down_proj) if they train
     adapter (i, o)   LoRA, Sparse, AdaLoRA   r a (x A^T); once: Sparse r (i + o) w (masked A, B),
@@ -26,7 +27,8 @@ dL/dW only), which is why LoRA's activations are smaller than full fine-tuning's
                                              quantized base
                      (the "once" terms that serve the gradient of x drop where x has none)
     head             final norm as in the blocks, lm_head input C a if it trains, log-probs
-                     (N - B) V f and targets (N - B) 8 (N = B T tokens), token ids 8 N if embeddings train
+                     N V f and targets N 8 (N = B T tokens: the labels are shifted, not the logits, so
+                     the last position's row is kept too, masked), token ids 8 N if embeddings train
 
 The first block's first norm keeps nothing when nothing before it trains (its input has no
 gradient). With --grad-checkpointing each block keeps only its input (C f: the residual
@@ -68,8 +70,9 @@ def activation_bytes(family: str, config, model: nn.Module, cfg: PlanConfig, met
             per_token += (4 * C * a) * trains("mlp.c_proj")
         else:
             C, h, H = config.dim, config.n_heads, config.hidden_dim
+            K = config.n_kv_heads * config.head_dim
             norm = (C + 1) * F32 + (C * a if full else 0)
-            per_token += 4 * C * a + h * F32 + 3 * H * a                     # q, k, v, out, lse; SwiGLU
+            per_token += 2 * C * a + 2 * K * a + h * F32 + 3 * H * a         # q, out, k, v, lse; SwiGLU
             per_token += (C * a) * trains("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
             per_token += (C * a) * trains("mlp.gate_proj", "mlp.up_proj") + (H * a) * trains("mlp.down_proj")
         per_token += norm + (norm if input_grad else 0)
@@ -95,8 +98,8 @@ def activation_bytes(family: str, config, model: nn.Module, cfg: PlanConfig, met
     C = config.n_embd if family == "gpt2" else config.dim
     head = N * ((C + 2) * F32 if family == "gpt2" else (C + 1) * F32 + (C * a if full else 0))
     head += N * C * a if full else 0
-    log_probs = (N - B) * V * F32
-    head += log_probs + (N - B) * 8 + F32                # + the loss weight total, a scalar
+    log_probs = N * V * F32
+    head += log_probs + N * 8 + F32                      # + the loss weight total, a scalar
     if full:
         head += N * 8 + (T * 8 if family == "gpt2" else 0)
     if family == "llama":

@@ -98,8 +98,9 @@ class _FusedProjections(torch.autograd.Function):
         if any(bias is not None for bias in bs):
             b = torch.cat([bias if bias is not None else W.new_zeros(W.shape[0]) for W, bias in zip(Ws, bs)])
         y = F.linear(x, _merged_weight(Ws, As, Bs, scalings), b)               # (..., sum out_i)
-        ctx.save_for_backward(x, xa_t, *Ws, *As, *Bs)
-        ctx.scalings, ctx.lora, ctx.n = scalings, lora, len(Ws)
+        # x serves only the adapters' gradients (dx needs W alone): without adapters it is not kept
+        ctx.save_for_backward(x if lora else None, xa_t, *Ws, *As, *Bs)
+        ctx.scalings, ctx.lora, ctx.n, ctx.x_shape = scalings, lora, len(Ws), x.shape
         return y
 
     @staticmethod
@@ -107,10 +108,10 @@ class _FusedProjections(torch.autograd.Function):
         x, xa_t, *rest = ctx.saved_tensors
         n, lora, scalings = ctx.n, ctx.lora, ctx.scalings
         Ws, As, Bs = rest[:n], rest[n:2 * n], rest[2 * n:]
-        x2 = x.reshape(-1, x.shape[-1])                                         # (N, in)
         g2 = g.reshape(-1, g.shape[-1])                                         # (N, sum out_i)
         grads = [None] * (4 * n)
         if lora and any(ctx.needs_input_grad[2 + 4 * i + 2] or ctx.needs_input_grad[2 + 4 * i + 3] for i in lora):
+            x2 = x.reshape(-1, x.shape[-1])                                     # (N, in)
             if torch.is_grad_enabled():   # create_graph: recompute with history
                 xa_t = torch.cat([As[i] for i in lora]).mm(x2.t())
             starts = [sum(W.shape[0] for W in Ws[:i]) for i in range(n)]
@@ -125,5 +126,5 @@ class _FusedProjections(torch.autograd.Function):
                 grads[4 * i + 2] = dA_i * scalings[i]                          # dA_i (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g2.mm(_merged_weight(Ws, As, Bs, scalings)).view(x.shape)   # (..., in)
+            grad_x = g2.mm(_merged_weight(Ws, As, Bs, scalings)).view(ctx.x_shape)   # (..., in)
         return (grad_x, None, *grads)

@@ -140,7 +140,9 @@ class Attention(nn.Module):
         q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))  # one matmul when it can (models/fused.py)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        # a copy of v (1/5 of q|k|v here): attention keeps v for backward, and as a view it would keep
+        # the whole fused q|k|v output alive (q and k are kept after RoPE, new tensors, anyway)
+        v = v.contiguous().view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)  # (B, nkv, T_past + T, hs)
