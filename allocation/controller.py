@@ -203,8 +203,8 @@ class CurvatureRankAllocator:
     Build the adapters at a rank whose bytes fit a cap set at, e.g., the bytes of uniform r=8
     (budget.training_bytes(budget.adapter_params(...))), and let the controller move rank to
     where the signal is: from below the cap (r=4) it first fills the cap, from the cap (r=8, the
-    library's DRaFT-Q recipe, which then never spends less than uniform) it only moves rank. Works on any base the
-    adapters accept (nn.Linear, 8-bit, NF4): only lora_A / lora_B are touched.
+    library's DRaFT-Q recipe, which then never spends less than uniform) it only moves rank.
+    Works on any base the adapters accept (nn.Linear, 8-bit, NF4): only lora_A / lora_B are touched.
     """
 
     name = "DRaFT-Q"

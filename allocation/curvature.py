@@ -11,7 +11,7 @@ with no extra backward pass, each step gives a raw signal per layer:
                                               leading direction (σ_1: its largest singular
                                               value): what one more rank could use. On the
                                               real stories260K model the raw gradient of v_proj
-                                              is the largest but nearly rank one (σ_1 / σ_2 ~ 9),
+                                              is the largest but nearly rank one (σ_1 / σ_2 ~ 7),
                                               so grad_sq sends rank where it buys little
                                               (README, "Adaptive ranks on a real model")
   signal="secant"   s_t = ||g_t - g_{t-1}|| / ||θ_t - θ_{t-1}||
