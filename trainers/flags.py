@@ -78,7 +78,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None
         kind = base if base in (int, float) else str
         group.add_argument(_flag(f.name), dest=f.name, type=parse_optional_number(kind) if optional else kind,
                            default=f.default, metavar=f.name.upper(),
-                           help=_help(cls, f.name, f"(default {f.default}{'; none: no limit' if optional else ''})"))
+                           help=_help(cls, f.name, f"(default {f.default}{'; the word none gives None' if optional else ''})"))
 
 
 def from_args(cls, args: argparse.Namespace):
