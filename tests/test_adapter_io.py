@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from lora import LoraConfig, adapter_layers, add_lora_to_model, load_adapter, save_adapter
 from lora.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from lora.model import ADAPTER_CLASSES
+from tests.adapters import randomize_adapters
 
 D = 8
 
@@ -49,10 +50,7 @@ def trained(method, seed=1, d=D, **config):
     config = LoraConfig(**{"target_modules": ["q_proj", "v_proj"], "r": 4, "method": method, **config})
     model = add_lora_to_model(fresh(seed, d=d), config)
     torch.manual_seed(123)
-    with torch.no_grad():
-        for _, layer in adapter_layers(model):
-            for p in layer.adapter_parameters():
-                p.add_(torch.randn_like(p) * 0.3)
+    randomize_adapters(model, 0.3)
     return model, config
 
 
@@ -343,10 +341,7 @@ def quantized_fresh():
 def test_round_trip_over_quantized_bases(tmp_path, method):
     config = LoraConfig(target_modules=["q_proj", "v_proj"], r=2, method=method)
     model = add_lora_to_model(quantized_fresh(), config)
-    with torch.no_grad():
-        for _, layer in adapter_layers(model):
-            for p in layer.adapter_parameters():
-                p.add_(torch.randn_like(p) * 0.3)
+    randomize_adapters(model, 0.3)
     save_adapter(model, tmp_path, config)
     loaded = load_adapter(quantized_fresh(), tmp_path)
     assert isinstance(adapter_layers(loaded)[0][1].base_layer, Int8Rows)

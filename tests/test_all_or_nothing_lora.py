@@ -19,6 +19,7 @@ from lora import (AdapterLayer, DoRALinear, HiRALinear, LoraConfig, LoRALinear, 
                   adapter_layers, add_lora_to_model, load_adapter, mark_only_lora_as_trainable, merge_adapters,
                   merge_lora_weights, save_adapter, unmerge_lora_weights)
 from lora.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from tests.adapters import randomize_adapters
 from tests.snapshot import assert_files_unchanged, assert_unchanged, snapshot, snapshot_files
 from tests.test_lora_layers import FakeQuantLinear
 
@@ -68,10 +69,7 @@ def net(seed=0):
 def with_adapters(method="lora", init="kaiming", seed=0):
     model = add_lora_to_model(net(seed), r=2, target_modules=TARGETS, method=method, init=init)
     torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, layer in adapter_layers(model):
-            for p in layer.adapter_parameters():
-                p.add_(torch.randn_like(p) * 0.1)
+    randomize_adapters(model, 0.1)
     return model
 
 

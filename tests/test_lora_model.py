@@ -10,6 +10,7 @@ from lora import (AdapterLayer, LoraConfig, adapter_layers, add_lora_to_model, c
                   lora_state_dict, mark_only_lora_as_trainable, merge_adapters, merge_lora_weights,
                   unmerge_lora_weights)
 from lora.model import ADAPTER_CLASSES, METHODS
+from tests.adapters import randomize_adapters
 
 D = 8
 
@@ -68,13 +69,6 @@ class FakeQuantLinear(nn.Module):
 
 def names(model):
     return [n for n, _ in adapter_layers(model)]
-
-
-def randomize_adapters(model, scale=0.1):
-    with torch.no_grad():
-        for _, layer in adapter_layers(model):
-            for p in layer.adapter_parameters():
-                p.add_(torch.randn_like(p) * scale)
 
 
 def tokens():

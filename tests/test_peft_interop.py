@@ -16,25 +16,19 @@ peft = pytest.importorskip("peft")
 
 from lora import adapter_layers, add_lora_to_model, load_adapter, save_adapter  # noqa: E402
 from lora import LoraConfig as OurConfig  # noqa: E402
-from tests.hf_tiny import tiny_llama_config  # noqa: E402
+from tests.hf_tiny import logits, tiny_llama, tiny_llama_config  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(tiny_llama_config(transformers)).eval()
+    return tiny_llama(transformers)
 
 
 @pytest.fixture
 def idx():
     return torch.randint(0, 61, (2, 7))
-
-
-def logits(model, idx):
-    with torch.no_grad():
-        return model(input_ids=idx).logits
 
 
 def perturb(params):

@@ -11,10 +11,11 @@ pytestmark = pytest.mark.ref
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lora import (IA3Config, LoraConfig, adapter_layers, add_adapter, add_ia3_to_model,  # noqa: E402
+from lora import (IA3Config, LoraConfig, add_adapter, add_ia3_to_model,  # noqa: E402
                   add_weighted_adapter, list_adapters, load_adapter, load_adapters, mixed_batch, save_adapter,
                   save_adapters, set_adapter)
-from tests.hf_tiny import tiny_llama_config  # noqa: E402
+from tests.adapters import randomize_adapters  # noqa: E402
+from tests.hf_tiny import logits, tiny_llama  # noqa: E402
 
 CONFIGS = {"default": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
            "sst": LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"]),
@@ -23,18 +24,12 @@ CONFIGS = {"default": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(tiny_llama_config(transformers)).eval()
+    return tiny_llama(transformers)
 
 
 @pytest.fixture
 def idx():
     return torch.randint(0, 61, (3, 7))
-
-
-def logits(model, idx, **kwargs):
-    with torch.no_grad():
-        return model(input_ids=idx, **kwargs).logits
 
 
 def ours_with_adapters(base, configs=CONFIGS):
@@ -43,10 +38,7 @@ def ours_with_adapters(base, configs=CONFIGS):
         add_adapter(model, name, config)
         set_adapter(model, name)
         torch.manual_seed(i + 1)
-        with torch.no_grad():
-            for _, layer in adapter_layers(model):
-                for p in layer.adapter_parameters():
-                    p.add_(torch.randn_like(p) * 0.2)
+        randomize_adapters(model, 0.2)
     return model
 
 
