@@ -29,8 +29,6 @@ factor); carried-over Adam moments for B are then off by the same constant facto
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -218,15 +216,7 @@ class LowRankAdapter(AdapterLayer):
         """
         self._check_resizable(new_rank, keep_scaling)
         A, B = resized_low_rank(self.lora_A.data, self.lora_B.data, new_rank)
-        self._set_factors(A, B, self._alpha_at(new_rank, keep_scaling))
-
-    def _alpha_at(self, new_rank: int, keep_scaling: bool) -> float:
-        """alpha after a resize to new_rank: the same, or with keep_scaling the alpha' for which
-        lora_scaling(alpha', new_rank) is today's scaling (scaling is linear in alpha)."""
-        if not keep_scaling:
-            return self.alpha
-        return self.alpha * lora_scaling(1.0, self.rank, self.use_rslora) / \
-            lora_scaling(1.0, new_rank, self.use_rslora)
+        self._set_factors(A, B, keep_scaling)
 
     def _check_resizable(self, new_rank, keep_scaling: bool = False) -> None:
         """What every resize checks before changing anything: the rank, the flag, not merged, finite
@@ -241,17 +231,18 @@ class LowRankAdapter(AdapterLayer):
                 check_finite(p, f"{name}: {pname}")
 
     @torch.no_grad()
-    def _set_factors(self, A: Tensor, B: Tensor, alpha: float | None = None) -> None:
+    def _set_factors(self, A: Tensor, B: Tensor, keep_scaling: bool = False) -> None:
         """Install new factors A (k, in), B (out, k) whose product B @ A is meant at the OLD scaling.
 
-        Sets alpha (if given) and `scaling` to alpha / k and multiplies B by old/new scaling, so
-        scaling * B @ A is what it was meant to be. Keeps the Parameter objects; changes
-        nothing if the swap fails.
+        Sets `scaling` to alpha / k and multiplies B by old/new scaling, so scaling * B @ A is
+        what it was meant to be; with keep_scaling, `scaling` stays and alpha becomes the value
+        that gives it at rank k (scaling is linear in alpha). Keeps the Parameter objects;
+        changes nothing if the swap fails.
         """
-        alpha = self.alpha if alpha is None else alpha
-        new_scaling = lora_scaling(alpha, A.shape[0], self.use_rslora)
-        if math.isclose(new_scaling, self.scaling, rel_tol=1e-12):   # keep_scaling: no rounding-only rescale
-            new_scaling = self.scaling
+        if keep_scaling:
+            alpha, new_scaling = self.scaling / lora_scaling(1.0, A.shape[0], self.use_rslora), self.scaling
+        else:
+            alpha, new_scaling = self.alpha, lora_scaling(self.alpha, A.shape[0], self.use_rslora)
         if new_scaling != self.scaling:
             B = (B.to(work_dtype(B)) * (self.scaling / new_scaling)).to(B.dtype)
         _set_data((self.lora_A, A), (self.lora_B, B))

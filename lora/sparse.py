@@ -135,7 +135,7 @@ class SparseLoRALinear(LoRALinear):
         else:
             mask_A = torch.ones(A.shape, dtype=torch.bool, device=A.device)
             mask_B = torch.ones(B.shape, dtype=torch.bool, device=B.device)
-        self._set_factors(A, B, self._alpha_at(new_rank, keep_scaling))   # the last step that can fail
+        self._set_factors(A, B, keep_scaling)   # the last step that can fail
         self.mask_A, self.mask_B = mask_A, mask_B
 
     def nonzeros(self) -> dict:
