@@ -30,7 +30,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainers.configs import CONFIGS, get_config
+from trainers.configs import CONFIGS, ExperimentConfig, get_config
 from trainers.distributed import world_from_env
 from trainers.experiments import MODEL_HELP, RunSettings, describe, run_matrix, run_task
 from trainers.flags import (EXPERIMENT_DEST, add_dataclass_args, add_experiment_args, experiment_overrides,
@@ -76,7 +76,7 @@ def _preset_in(argv: list[str]) -> Preset | None:
 def _preset_defaults(preset: Preset) -> dict:
     """The preset's values as argparse defaults: experiment fields under their override names."""
     fields = {f.name for cls in (TrainConfig, RunSettings) for f in dataclasses.fields(cls)}
-    experiment = {f.name for f in dataclasses.fields(get_config("B-FP"))}
+    experiment = {f.name for f in dataclasses.fields(ExperimentConfig)}
     out = {"tasks": preset.tasks, "configs": preset.configs}
     for name, value in preset.options.items():
         if name in fields:
