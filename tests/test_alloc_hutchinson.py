@@ -128,17 +128,19 @@ def test_probe_upstream_of_a_fused_lora_layer_sees_every_second_order_term():
     assert abs(est.trace - exact) < 4 * est.stderr, (est, exact)
 
 
-def test_fused_lora_backward_is_twice_differentiable():
-    from lora.layers import _FusedLoRA
+@pytest.mark.parametrize("function", ["_FusedLoRA", "_ThinLoRA"])
+def test_lora_autograd_functions_are_twice_differentiable(function):
+    import lora.layers
+    apply = getattr(lora.layers, function).apply
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
     W = torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, generator=g)
     A = torch.randn(2, 4, dtype=torch.float64, generator=g, requires_grad=True)
     B = torch.randn(3, 2, dtype=torch.float64, generator=g, requires_grad=True)
-    fused = lambda x, A, B: _FusedLoRA.apply(x, W.detach(), b, A, B, 0.7)    # noqa: E731
-    assert torch.autograd.gradcheck(fused, (x, A, B))
-    assert torch.autograd.gradgradcheck(fused, (x, A, B))
+    layer = lambda x, A, B: apply(x, W.detach(), b, A, B, 0.7)              # noqa: E731
+    assert torch.autograd.gradcheck(layer, (x, A, B))
+    assert torch.autograd.gradgradcheck(layer, (x, A, B))
 
 
 def test_each_module_gets_its_own_mode_back():
