@@ -120,11 +120,13 @@ class LoRALinear(LowRankAdapter):
 
     def _plain(self, x: Tensor) -> bool:
         """Whether one of the two autograd Functions below may compute the layer: a plain frozen
-        nn.Linear base, no dropout, one dtype, no autocast."""
+        nn.Linear base without hooks (they call F.linear with its tensors, so hooks on base_layer
+        would not fire), no dropout, one dtype, no autocast."""
         base = self.base_layer
         return (self._plain_linear and self.dropout_p == 0.0
                 and x.dtype == base.weight.dtype == self.lora_A.dtype
                 and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+                and not (base._forward_hooks or base._forward_pre_hooks)
                 and not _autocast_on(x.device.type))
 
     def _many_rows(self, x: Tensor) -> bool:
@@ -157,7 +159,6 @@ class _FusedLoRA(torch.autograd.Function):
     for the frozen base alone, instead of the base matmul plus a full-size add
     (forward) and a second gradient to sum (backward). W + s B A is rebuilt in
     backward rather than saved, so activation memory is as for the thin path.
-    (This path calls F.linear with the base's tensors, so hooks on base_layer do not fire.)
     Gradients: dA = s (g B)^T x, dB = s g^T (x A^T), dx = g (W + s B A); W, b frozen.
 
     Twice differentiable: under `create_graph=True` (Hessian-vector products, e.g.

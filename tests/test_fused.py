@@ -1,6 +1,7 @@
 """The small-model speed paths compute what the plain code computes: fused q/k/v and gate/up
-projections (trainers/models/fused.py), GQA attention without copied heads, F.rms_norm, and the
-next-token loss with shifted labels. Each is compared with the same model run the plain way."""
+projections (trainers/models/fused.py), LoRALinear's _FusedLoRA and _ThinLoRA, GQA attention
+without copied heads, F.rms_norm, and the next-token loss with shifted labels. Each is compared
+with the same model run the plain way."""
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import trainers.models.fused as fused
 import trainers.models.llama as llama
-from lora import LoraConfig, add_lora_to_model
+from lora import LoraConfig, LoRALinear, add_lora_to_model
 from quantization import quantize_model
 from trainers.models import LlamaConfig, LlamaForCausalLM
 from trainers.models.common import IGNORE_INDEX, next_token_loss
@@ -124,15 +125,18 @@ def test_quantized_or_trainable_bases_are_not_fused():
 
 def test_training_losses_unchanged(monkeypatch):
     """Five LoRA steps on a tiny seeded model: the same training and held-out losses with the
-    speed paths as without them (unfused projections, repeated kv heads, RMSNorm's formula)."""
-    data = {"input_ids": torch.randint(0, 97, (16, 33), generator=torch.Generator().manual_seed(2))}
+    speed paths as without them (unfused projections, repeated kv heads, RMSNorm's formula,
+    LoRALinear's textbook base(x) + s B A x instead of _FusedLoRA and _ThinLoRA)."""
+    data = {"input_ids": torch.randint(0, 97, (8, 33), generator=torch.Generator().manual_seed(2))}
     data["labels"] = data["input_ids"]
     held_out = torch.randint(0, 97, (8, 33), generator=torch.Generator().manual_seed(3))
+    down_proj = _model("all-linear").model.layers[0].mlp.down_proj   # 33 rows: in 32 fuses, in 64 does not
+    assert down_proj._plain(torch.zeros(33, 64)) and not down_proj._can_fuse(torch.zeros(33, 64))
 
     def run():
         model = _model("all-linear")
-        cfg = TrainConfig(steps=5, batch_size=4, lr=1e-2, warmup_steps=0, progress=False, eval_every=0)
-        result = train(model, epoch_batches(data, 4, seed=0), cfg,
+        cfg = TrainConfig(steps=5, batch_size=1, lr=1e-2, warmup_steps=0, progress=False, eval_every=0)
+        result = train(model, epoch_batches(data, 1, seed=0), cfg,
                        evaluate=lambda m: {"loss": m(held_out, targets=held_out)[1]})
         return [e["loss"] for e in result.loss_log], result.metrics["loss"]
 
@@ -140,6 +144,7 @@ def test_training_losses_unchanged(monkeypatch):
     _unfused(monkeypatch)
     monkeypatch.setattr(llama, "_SDPA_GQA", False)
     monkeypatch.setattr(llama, "_FUSED_RMS_NORM", False)
+    monkeypatch.setattr(LoRALinear, "_plain", lambda self, x: False)
     ref_losses, ref_held = run()
     assert losses == pytest.approx(ref_losses, rel=1e-5) and held == pytest.approx(ref_held, rel=1e-5)
 

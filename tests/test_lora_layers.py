@@ -284,6 +284,20 @@ def test_dropout_applies_to_the_adapter_path_only():
     torch.testing.assert_close(y_eval, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [3, 40])                    # _ThinLoRA, _FusedLoRA without the hook
+def test_hooks_on_the_base_layer_fire_and_the_output_is_unchanged(rows):
+    layer, base = make("lora", 16, 8, 4, 8.0)
+    perturb(layer)
+    x = torch.randn(rows, 16, requires_grad=True)
+    fast = layer(x)
+    assert layer._plain(x)
+    seen = []
+    base.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    assert not layer._plain(x)                               # the textbook path, which calls base_layer
+    torch.testing.assert_close(layer(x), fast, rtol=1e-5, atol=1e-5)
+    assert seen == [(rows, 8)]
+
+
 def test_is_an_adapter_layer_with_repr():
     for cls in KINDS.values():
         layer = cls(nn.Linear(4, 3), rank=2, alpha=4)

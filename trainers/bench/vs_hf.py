@@ -16,7 +16,7 @@ Each pair runs eager, and compiled (torch.compile of each model, the optimizer e
 full run; a compile that fails skips its row with the reason, and --quick skips them
 (compiling takes minutes). Ratios are ours tokens/s / theirs (their step time / ours),
 timed interleaved in this process (timing.py). Peak memory of the stories260K LoRA step:
-each side in a fresh process (train_step.measure_memory's method).
+each side in fresh processes (train_step.measure_memory's method), the median of three.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import warnings
@@ -47,6 +48,7 @@ PAIRS = {   # row name -> (model, ours, theirs)
 }
 TARGETS = {"stories": ">= 1.3", "gpt2": ">= 1.15"}
 MEMORY_ROW = "stories260K LoRA peak memory / HF+PEFT"
+MEMORY_RUNS = 3     # fresh processes per side: one process's peak RSS varied 30-40 MiB between runs
 ROWS = tuple(f"{name} ({mode})" for name in PAIRS for mode in ("eager", "compiled")) + (MEMORY_ROW,)
 
 
@@ -209,17 +211,19 @@ def _memory_row(settings: Settings):
         return skip_row(SECTION, MEMORY_ROW, missing, "<= 1.0")
     if settings.device.type != "cpu":
         return skip_row(SECTION, MEMORY_ROW, "measured on the CPU only (resident set size)", "<= 1.0")
-    mem = {}
-    for side in ("ours", "theirs"):
-        out = subprocess.run([sys.executable, "-m", "trainers.bench.vs_hf", "--memory", side],
-                             capture_output=True, text=True, env=dict(os.environ), timeout=600)
-        if out.returncode != 0:
-            raise RuntimeError(f"memory run of {side} failed:\n{out.stderr[-2000:]}")
-        mem[side] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    runs = {"ours": [], "theirs": []}
+    for _ in range(MEMORY_RUNS):          # alternating sides
+        for side in runs:
+            out = subprocess.run([sys.executable, "-m", "trainers.bench.vs_hf", "--memory", side],
+                                 capture_output=True, text=True, env=dict(os.environ), timeout=600)
+            if out.returncode != 0:
+                raise RuntimeError(f"memory run of {side} failed:\n{out.stderr[-2000:]}")
+            runs[side].append(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
+    mem = {side: statistics.median(values) for side, values in runs.items()}
     return make_row(SECTION, MEMORY_ROW, mem["ours"] / mem["theirs"], "<= 1.0",
-                    f"ours {mem['ours'] / 2**20:.1f} MiB, theirs {mem['theirs'] / 2**20:.1f} MiB; fresh "
-                    f"process each, peak RSS - RSS before the build", ours_bytes=mem["ours"],
-                    theirs_bytes=mem["theirs"])
+                    f"ours {mem['ours'] / 2**20:.1f} MiB, theirs {mem['theirs'] / 2**20:.1f} MiB; median of "
+                    f"{MEMORY_RUNS} fresh processes each, peak RSS - RSS before the build",
+                    ours_bytes=runs["ours"], theirs_bytes=runs["theirs"])
 
 
 def main(argv=None) -> None:
