@@ -1,5 +1,6 @@
 """trainers.plan: counts equal real models', activations equal what autograd saves, the
 controller cap uses the same accounting, and (slow) the peak is within 15% of measured."""
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from lora.model import adapter_layers, count_parameters
 from quantization.model import memory_report
 from trainers.__main__ import main as cli_main
 from trainers.experiments import ExperimentConfig, prepare
-from trainers.models import GPT2Config, LlamaConfig, build_model
+from trainers.models import GPT2Config, LlamaConfig, attention, build_model
 from trainers.plan import NAMED_MODELS, PlanConfig, meta_model, model_config, plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,23 @@ def test_activations_equal_what_autograd_saves(family, method, targets):
                            allocation="adalora" if method == "adalora" else "uniform")
     model = prepare(model, exp)[0].train()
     idx = torch.randint(0, 101, (2, 24))
+    assert plan.activations_plain == saved_bytes(model, idx)
+
+
+@pytest.mark.parametrize("method, targets", [("full", ""), ("lora", ""), ("lora", "all"), ("dora", "all")])
+def test_activations_with_the_small_head_attention_kernel(method, targets):
+    """On the CPU at head size 8 and T = 64 LLaMA's attention keeps q, k, v only
+    (trainers/models/attention.py); the count follows, and on a GPU it would be SDPA's."""
+    model = small("llama")
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = PlanConfig(model="small", method=method, rank=4, batch=2, seq=64, device="cpu",
+                     target_modules=",".join(names) if targets else "")
+    plan = plan_memory(cfg, model)
+    assert plan.activations_plain < plan_memory(dataclasses.replace(cfg, device="cuda"), model).activations_plain
+    exp = ExperimentConfig("t", method=method, r=4, target_modules=names if targets else None)
+    model = prepare(model, exp)[0].train()
+    idx = torch.randint(0, 101, (2, 64))
+    assert attention.applies(*[torch.zeros(2, h, 64, 8) for h in (6, 2, 2)], None, 0.0)
     assert plan.activations_plain == saved_bytes(model, idx)
 
 

@@ -52,6 +52,7 @@ from trainers.models import GPT2Config, LlamaConfig, build_model
 from trainers.plan_activations import F32, activation_bytes
 
 METHODS = ("full", "lora", "qlora", "sparse", "hira", "dora", "adalora")
+DEVICES = ("cuda", "mps", "cpu")
 GiB = 1024 ** 3
 PAGED_CHUNK = 1 << 20          # trainers.optim.PagedAdamW's default chunk_size (elements)
 
@@ -85,6 +86,8 @@ class PlanConfig:
     grad_checkpointing: bool = False  # recompute each block in backward
     paged_adamw: bool = False         # AdamW moments in host memory (trainers.optim.PagedAdamW)
     foreach: bool = True              # step temporaries of torch's foreach AdamW (GPU); False: CPU loop
+    device: str = "cuda"              # where the step runs, one of DEVICES; "cpu": LLaMA at head size <= 8
+                                      # runs trainers/models/attention.py's kernel, which keeps less
 
 
 @dataclass
@@ -188,6 +191,8 @@ def _check(cfg: PlanConfig) -> None:
         raise ValueError(f"plan: method must be one of {METHODS}, got {cfg.method!r}")
     if cfg.bits not in (None, 4, 8) or (cfg.method == "full" and cfg.bits is not None):
         raise ValueError(f"plan: bits must be None, 4 or 8 (and None for full fine-tuning), got {cfg.bits!r}")
+    if cfg.device not in DEVICES:
+        raise ValueError(f"plan: device must be one of {DEVICES}, got {cfg.device!r}")
     if min(cfg.rank, cfg.batch, cfg.seq) < 1:
         raise ValueError(f"plan: rank, batch and seq must be >= 1, got {cfg.rank}, {cfg.batch}, {cfg.seq}")
 
@@ -289,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = {"int": int, "str": str}.get(str(f.type), str)
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=f.name.upper(),
-                                choices=METHODS if f.name == "method" else None, help=f"(default {f.default!r})")
+                                choices={"method": METHODS, "device": DEVICES}.get(f.name),
+                                help=f"(default {f.default!r})")
     parser.add_argument("--budget-gib", type=float, default=None,
                         help="also print the rank controller's memory_cap_bytes under this total (GiB)")
     return parser

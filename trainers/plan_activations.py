@@ -17,7 +17,10 @@ dL/dW only), which is why LoRA's activations are smaller than full fine-tuning's
                                         attn.c_proj reads the attention output, already kept
     LLaMA block      RMSNorm x2         (C + 1) f each (+ C a for the normalised x if the norm trains)
                      attention          2C a (q, output) + 2 K a (k, v at the K = n_kv_heads x head
-                                        width: SDPA reads grouped heads itself from torch 2.5) + h f
+                                        width: SDPA reads grouped heads itself from torch 2.5) + h f;
+                                        on the CPU at head size <= 8 and T >= 64 in float32 (the
+                                        kernel of trainers/models/attention.py) C a + 2 K a, and the
+                                        output only as o_proj's input, C a if it trains
                      SwiGLU             3H a (gate, silu(gate), up)
                      Linear inputs      C a (q, k, v) + C a (gate, up) + H a (down_proj) if they train
     adapter (i, o)   LoRA, Sparse, AdaLoRA   r a (x A^T); once: Sparse r (i + o) w (masked A, B),
@@ -41,10 +44,19 @@ from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
+from trainers.models import attention
+
 if TYPE_CHECKING:                  # plan.py imports this file; the config is only an annotation here
     from trainers.plan import PlanConfig
 
 F32 = 4                            # bytes of a float32 (f in the formulas)
+
+
+def chunked_attention(config, cfg: PlanConfig, a: int) -> bool:
+    """Whether a LLaMA step runs trainers/models/attention.py's kernel (its `applies`, for the
+    planner's inputs: no padding mask, no dropout)."""
+    return (cfg.device == "cpu" and a == F32 and config.head_dim <= attention.MAX_HEAD_DIM
+            and cfg.seq >= attention.MIN_SEQ_LEN and config.dropout == 0.0)
 
 
 def activation_bytes(family: str, config, model: nn.Module, cfg: PlanConfig, method: str,
@@ -72,7 +84,10 @@ def activation_bytes(family: str, config, model: nn.Module, cfg: PlanConfig, met
             C, h, H = config.dim, config.n_heads, config.hidden_dim
             K = config.n_kv_heads * config.head_dim
             norm = (C + 1) * F32 + (C * a if full else 0)
-            per_token += 2 * C * a + 2 * K * a + h * F32 + 3 * H * a         # q, out, k, v, lse; SwiGLU
+            if chunked_attention(config, cfg, a):                          # q, k, v; o_proj's input
+                per_token += C * a + 2 * K * a + 3 * H * a + (C * a) * trains("self_attn.o_proj")
+            else:
+                per_token += 2 * C * a + 2 * K * a + h * F32 + 3 * H * a     # q, out, k, v, lse; SwiGLU
             per_token += (C * a) * trains("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
             per_token += (C * a) * trains("mlp.gate_proj", "mlp.up_proj") + (H * a) * trains("mlp.down_proj")
         per_token += norm + (norm if input_grad else 0)

@@ -81,7 +81,8 @@ def measure_here(point: dict, steps: int = 2) -> dict:
     method, bits = point["method"], point.get("bits")
     cfg = PlanConfig(model="(measured)", method=method, bits=bits, rank=point.get("rank", 8), batch=point["batch"],
                      seq=point["seq"], grad_checkpointing=point.get("grad_checkpointing", False),
-                     paged_adamw=point.get("paged_adamw", False), foreach=False)   # CPU: per-tensor AdamW
+                     paged_adamw=point.get("paged_adamw", False), foreach=False,   # CPU: per-tensor AdamW
+                     device="cpu")
     plan = plan_memory(cfg, model)
     exp = ExperimentConfig("check", method="lora" if method == "qlora" else method, r=cfg.rank,
                            quant=4 if method == "qlora" else bits)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from trainers.models.attention import attention
 from trainers.models.common import (KVCache, cached_causal_mask, classify_last_token, generate,
                                     next_token_loss, span_loss)
 from trainers.models.fused import project
@@ -147,14 +148,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)  # (B, nkv, T_past + T, hs)
         group = self.n_heads // self.n_kv_heads  # query head h reads kv head h // group
-        gqa = {}
-        if group > 1 and _SDPA_GQA:
-            gqa = {"enable_gqa": True}
-        elif group > 1:
+        if group > 1 and not _SDPA_GQA:
             k = k.repeat_interleave(group, dim=1)  # (B, nh, T_k, hs)
             v = v.repeat_interleave(group, dim=1)  # (B, nh, T_k, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0, **gqa)  # (B, nh, T, hs)
+        # SDPA, or at head size <= 8 on the CPU a faster kernel of ours (trainers/models/attention.py)
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
 
