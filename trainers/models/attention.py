@@ -84,6 +84,28 @@ def _causal_mask(T: int, G: int, like: Tensor) -> Tensor:
     return mask.repeat(G, 1) if G > 1 else mask
 
 
+def _grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple:
+    """q (B, H, T, d) as (B nkv, G T, d): the G query heads of each kv head stacked as rows; k, v
+    (B, nkv, T, d) as (B nkv, T, d); the (G T, T) mask, 1/sqrt(d), and the pairs per chunk."""
+    B, H, T, d = q.shape
+    nkv = k.shape[1]
+    G = H // nkv
+    chunk = max(1, CHUNK_FLOATS // (G * T * T))
+    return (q.reshape(B * nkv, G * T, d), k.reshape(B * nkv, T, d), v.reshape(B * nkv, T, d),
+            _causal_mask(T, G, q), 1.0 / math.sqrt(d), chunk)
+
+
+def _chunks(chunk: int, *tensors: Tensor):
+    """Matching views of `chunk` (batch, kv head) pairs at a time (the leading dimension) of each tensor."""
+    return zip(*(t.split(chunk) for t in tensors))
+
+
+def _probabilities(q: Tensor, k_t: Tensor, mask: Tensor, scale: float, out: Tensor) -> Tensor:
+    """P = softmax(scale Q K^T + mask) of one chunk, written into `out` (chunk, G T, T)."""
+    torch.baddbmm(mask, q, k_t, alpha=scale, out=out)
+    return torch.softmax(out, -1, out=out)
+
+
 class _ChunkedCausalAttention(torch.autograd.Function):
     """The module docstring's forward and backward; saves Q, K, V only."""
 
@@ -92,18 +114,12 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         B, H, T, d = q.shape
         nkv = k.shape[1]
         G, pairs = H // nkv, B * nkv
-        q3 = q.reshape(pairs, G * T, d)                    # the G query heads of a kv head as rows
-        k3, v3 = k.reshape(pairs, T, d), v.reshape(pairs, T, d)
-        mask, scale = _causal_mask(T, G, q), 1.0 / math.sqrt(d)
-        chunk = max(1, CHUNK_FLOATS // (G * T * T))
+        q3, k3, v3, mask, scale, chunk = _grouped(q, k, v)
         o_t = q.new_empty(pairs, d, G * T)                 # O^T per pair: d rows, the long side as columns
         scores = q.new_empty(min(chunk, pairs), G * T, T)  # one buffer, reused by every chunk
-        for i in range(0, pairs, chunk):
-            j = min(i + chunk, pairs)
-            p = scores[:j - i]
-            torch.baddbmm(mask, q3[i:j], k3[i:j].transpose(1, 2), alpha=scale, out=p)   # S
-            torch.softmax(p, -1, out=p)                                                 # P, in place
-            torch.bmm(v3[i:j].transpose(1, 2), p.transpose(1, 2), out=o_t[i:j])        # O^T = V^T P^T
+        for q_c, k_t, v_t, o_c in _chunks(chunk, q3, k3.transpose(1, 2), v3.transpose(1, 2), o_t):
+            p = _probabilities(q_c, k_t, mask, scale, scores[:len(q_c)])
+            torch.bmm(v_t, p.transpose(1, 2), out=o_c)                          # O^T = V^T P^T
         ctx.save_for_backward(q, k, v)
         # (B, T, H, d) memory, returned as (B, H, T, d): the caller's transpose back is then free
         out = q.new_empty(B, T, H, d)
@@ -118,24 +134,19 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         B, H, T, d = q.shape
         nkv = k.shape[1]
         G, pairs = H // nkv, B * nkv
-        q3 = q.reshape(pairs, G * T, d)
-        k3, v3 = k.reshape(pairs, T, d), v.reshape(pairs, T, d)
+        q3, k3, v3, mask, scale, chunk = _grouped(q, k, v)
         do3 = do.reshape(pairs, G * T, d)
-        mask, scale = _causal_mask(T, G, q), 1.0 / math.sqrt(d)
-        chunk = max(1, CHUNK_FLOATS // (G * T * T))
         dq_t, dk_t, dv_t = q.new_empty(pairs, d, G * T), q.new_empty(pairs, d, T), q.new_empty(pairs, d, T)
-        n = min(chunk, pairs)
-        scores, dp, ds = (q.new_empty(n, G * T, T) for _ in range(3))
-        for i in range(0, pairs, chunk):
-            j = min(i + chunk, pairs)
-            p, dp_, ds_ = scores[:j - i], dp[:j - i], ds[:j - i]
-            torch.baddbmm(mask, q3[i:j], k3[i:j].transpose(1, 2), alpha=scale, out=p)
-            torch.softmax(p, -1, out=p)                                                 # P again
-            torch.bmm(do3[i:j].transpose(1, 2), p, out=dv_t[i:j])                      # dV^T = dO^T P
-            torch.bmm(do3[i:j], v3[i:j].transpose(1, 2), out=dp_)                      # dP = dO V^T
-            torch.ops.aten._softmax_backward_data.out(dp_, p, -1, p.dtype, grad_input=ds_)   # dS
-            torch.bmm(k3[i:j].transpose(1, 2), ds_.transpose(1, 2), out=dq_t[i:j])     # dQ^T = K^T dS^T
-            torch.bmm(q3[i:j].transpose(1, 2), ds_, out=dk_t[i:j])                     # dK^T = Q^T dS
+        scores, dp, ds = (q.new_empty(min(chunk, pairs), G * T, T) for _ in range(3))
+        for q_c, k_c, v_t, do_c, dq_c, dk_c, dv_c in _chunks(chunk, q3, k3, v3.transpose(1, 2), do3,
+                                                            dq_t, dk_t, dv_t):
+            m = len(q_c)
+            p = _probabilities(q_c, k_c.transpose(1, 2), mask, scale, scores[:m])   # P again
+            torch.bmm(do_c.transpose(1, 2), p, out=dv_c)                        # dV^T = dO^T P
+            torch.bmm(do_c, v_t, out=dp[:m])                                    # dP = dO V^T
+            torch.ops.aten._softmax_backward_data.out(dp[:m], p, -1, p.dtype, grad_input=ds[:m])   # dS
+            torch.bmm(k_c.transpose(1, 2), ds[:m].transpose(1, 2), out=dq_c)    # dQ^T = K^T dS^T
+            torch.bmm(q_c.transpose(1, 2), ds[:m], out=dk_c)                    # dK^T = Q^T dS
         dq = dq_t.view(B, nkv, d, G, T).permute(0, 1, 3, 4, 2).reshape(B, H, T, d).mul_(scale)
         dk = dk_t.transpose(1, 2).reshape(B, nkv, T, d).mul_(scale)
         dv = dv_t.transpose(1, 2).reshape(B, nkv, T, d)
