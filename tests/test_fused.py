@@ -1,7 +1,7 @@
 """The small-model speed paths compute what the plain code computes: fused q/k/v and gate/up
 projections (trainers/models/fused.py), LoRALinear's _FusedLoRA and _ThinLoRA, GQA attention
-without copied heads, F.rms_norm, and the next-token loss with shifted labels. Each is compared
-with the same model run the plain way."""
+without copied heads, F.rms_norm, SwiGLU with silu recomputed, and the next-token loss with
+shifted labels. Each is compared with the same model run the plain way."""
 import pytest
 import torch
 import torch.nn as nn
@@ -160,6 +160,19 @@ def test_rms_norm_and_gqa_paths_equal_plain(monkeypatch):
     torch.testing.assert_close(loss, ref_loss, **TOL)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+
+
+def test_swiglu_equals_the_formula_and_is_twice_differentiable():
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(3, 5, 7, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(3, 5, 7, dtype=torch.float64, generator=g)
+    got = llama._SwiGLU.apply(gate, up)
+    want = F.silu(gate) * up
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (gate, up), grad_out), torch.autograd.grad(want, (gate, up), grad_out)):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(llama._SwiGLU.apply, (gate, up))
+    assert torch.autograd.gradgradcheck(llama._SwiGLU.apply, (gate, up))
 
 
 def test_next_token_loss_equals_shifted_logits():

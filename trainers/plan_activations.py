@@ -21,7 +21,7 @@ dL/dW only), which is why LoRA's activations are smaller than full fine-tuning's
                                         on the CPU at head size <= 8 and T >= 64 in float32 (the
                                         kernel of trainers/models/attention.py) C a + 2 K a, and the
                                         output only as o_proj's input, C a if it trains
-                     SwiGLU             3H a (gate, silu(gate), up)
+                     SwiGLU             2H a (gate, up; silu(gate) is recomputed in backward)
                      Linear inputs      C a (q, k, v) + C a (gate, up) + H a (down_proj) if they train
     adapter (i, o)   LoRA, Sparse, AdaLoRA   r a (x A^T); once: Sparse r (i + o) w (masked A, B),
                                              AdaLoRA r f + r i w (Λ m, masked A)
@@ -85,9 +85,9 @@ def activation_bytes(family: str, config, model: nn.Module, cfg: PlanConfig, met
             K = config.n_kv_heads * config.head_dim
             norm = (C + 1) * F32 + (C * a if full else 0)
             if chunked_attention(config, cfg, a):                          # q, k, v; o_proj's input
-                per_token += C * a + 2 * K * a + 3 * H * a + (C * a) * trains("self_attn.o_proj")
+                per_token += C * a + 2 * K * a + 2 * H * a + (C * a) * trains("self_attn.o_proj")
             else:
-                per_token += 2 * C * a + 2 * K * a + h * F32 + 3 * H * a     # q, out, k, v, lse; SwiGLU
+                per_token += 2 * C * a + 2 * K * a + h * F32 + 2 * H * a     # q, out, k, v, lse; SwiGLU
             per_token += (C * a) * trains("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
             per_token += (C * a) * trains("mlp.gate_proj", "mlp.up_proj") + (H * a) * trains("mlp.down_proj")
         per_token += norm + (norm if input_grad else 0)

@@ -14,7 +14,11 @@ reads the high-water mark (VmHWM). Peak = VmHWM - RSS before the build: weights,
 activations, gradients and optimizer state, without the interpreter and libraries.
 (tracemalloc does not see torch's allocations, and the process-wide ru_maxrss cannot
 be reset, hence fresh processes.) Where clear_refs is not writable the peak is
-ru_maxrss - RSS before the build. On CUDA: torch.cuda.max_memory_allocated after
+ru_maxrss - RSS before the build. The subprocesses run with glibc's mmap threshold fixed
+(`measurement_env`): by default glibc raises it each time a large block is freed, after which
+freed blocks stay in the heap and the peak RSS of the same step varied by 10 MiB between runs
+(stories260K: 29-40 MiB); fixed at 64 KiB, every tensor's pages return to the system when it
+dies and the RSS follows the live tensors (runs within 1 MiB). On CUDA: torch.cuda.max_memory_allocated after
 reset_peak_memory_stats, minus memory_allocated before the build; on MPS:
 driver_allocated_memory after the steps minus before the build (no peak counter there).
 """
@@ -119,13 +123,19 @@ def measure_memory(kind: str, quick: bool, device_name: str | None, steps: int =
     return {"kind": kind, "peak_bytes": int(peak - before), "method": method}
 
 
+def measurement_env() -> dict:
+    """The environment of a memory-measuring subprocess: this one's, with glibc's mmap threshold
+    fixed at 64 KiB unless the caller set it (module docstring; other C libraries ignore it)."""
+    return {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
+
+
 def memory_in_subprocess(kind: str, quick: bool, device_name: str | None) -> dict:
     cmd = [sys.executable, "-m", "trainers.bench.train_step", "--memory", kind]
     if quick:
         cmd.append("--quick")
     if device_name:
         cmd += ["--device", device_name]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=1800)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=measurement_env(), timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"memory run of {kind} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -16,14 +16,14 @@ Each pair runs eager, and compiled (torch.compile of each model, the optimizer e
 full run; a compile that fails skips its row with the reason, and --quick skips them
 (compiling takes minutes). Ratios are ours tokens/s / theirs (their step time / ours),
 timed interleaved in this process (timing.py). Peak memory of the stories260K LoRA step:
-each side in fresh processes (train_step.measure_memory's method), the median of three.
+each side in fresh processes (train_step.measure_memory's method, glibc's mmap threshold
+fixed), the median of three.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -48,7 +48,7 @@ PAIRS = {   # row name -> (model, ours, theirs)
 }
 TARGETS = {"stories": ">= 1.3", "gpt2": ">= 1.15"}
 MEMORY_ROW = "stories260K LoRA peak memory / HF+PEFT"
-MEMORY_RUNS = 3     # fresh processes per side: one process's peak RSS varied 30-40 MiB between runs
+MEMORY_RUNS = 3     # fresh processes per side, alternating; the median
 ROWS = tuple(f"{name} ({mode})" for name in PAIRS for mode in ("eager", "compiled")) + (MEMORY_ROW,)
 
 
@@ -215,7 +215,7 @@ def _memory_row(settings: Settings):
     for _ in range(MEMORY_RUNS):          # alternating sides
         for side in runs:
             out = subprocess.run([sys.executable, "-m", "trainers.bench.vs_hf", "--memory", side],
-                                 capture_output=True, text=True, env=dict(os.environ), timeout=600)
+                                 capture_output=True, text=True, env=TS.measurement_env(), timeout=600)
             if out.returncode != 0:
                 raise RuntimeError(f"memory run of {side} failed:\n{out.stderr[-2000:]}")
             runs[side].append(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
