@@ -15,13 +15,14 @@ on both sides, the same token batch for both:
 Each pair runs eager, and compiled (torch.compile of each model, the optimizer eager) in a
 full run; a compile that fails skips its row with the reason, and --quick skips them
 (compiling takes minutes). Ratios are ours tokens/s / theirs (their step time / ours),
-timed interleaved in this process (timing.py). Peak memory of the stories260K LoRA step:
+timed interleaved in this process (timing.py), each sample at least 0.5 s of steps. Peak memory of the stories260K LoRA step:
 each side in fresh processes (train_step.measure_memory's method, glibc's mmap threshold
 fixed), the median of three.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -48,6 +49,7 @@ PAIRS = {   # row name -> (model, ours, theirs)
 }
 TARGETS = {"stories": ">= 1.3", "gpt2": ">= 1.15"}
 MEMORY_ROW = "stories260K LoRA peak memory / HF+PEFT"
+STEADY_S = 0.5
 MEMORY_RUNS = 3     # fresh processes per side, alternating; the median
 ROWS = tuple(f"{name} ({mode})" for name in PAIRS for mode in ("eager", "compiled")) + (MEMORY_ROW,)
 
@@ -134,6 +136,9 @@ def _missing(kind: str) -> str | None:
 
 def run(settings: Settings) -> list:
     device, quick = settings.device, settings.quick
+    # A timed sample of at least STEADY_S seconds (several stories260K steps, one GPT-2 step):
+    # with one 80 ms step per sample the paired ratios of one run spread by +-5 %.
+    steady = settings if quick else dataclasses.replace(settings, min_time=max(settings.min_time, STEADY_S))
     rows = []
     for name, (model_name, kind, their_kind) in PAIRS.items():
         target = TARGETS.get(model_name) if kind == "lora" else None
@@ -159,7 +164,7 @@ def run(settings: Settings) -> list:
                 rows.append(skip_row(SECTION, what, f"torch.compile failed, "
                                      f"{' '.join(str(err).split())[:200]}", target))
                 continue
-            t = time_interleaved(fns, settings)
+            t = time_interleaved(fns, steady)
             rows.append(compare_row(SECTION, what, t["theirs"], t["ours"], target,
                                     f"batch {B}x{T}; ours {B * T / t['ours'].median:.0f} tok/s, "
                                     f"theirs {B * T / t['theirs'].median:.0f} tok/s"))
