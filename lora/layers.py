@@ -182,22 +182,7 @@ class _FusedLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, W, A, B, xa_t = ctx.saved_tensors
-        s = ctx.s
-        x2 = x.reshape(-1, x.shape[-1])                                     # (N, in)
-        g2 = g.reshape(-1, g.shape[-1])                                     # (N, out)
-        if torch.is_grad_enabled():   # create_graph: differentiable ops, xa_t recomputed with history
-            xa_t = A.mm(x2.t())
-        grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[4]:
-            grad_B = (xa_t.mm(g2) * s).t().contiguous()                     # (out, r)
-        if ctx.needs_input_grad[3]:
-            gb_t = B.t().mm(g2.t())                                         # (r, N) = (g B)^T
-        if ctx.needs_input_grad[0]:
-            grad_x = g2.mm(torch.addmm(W, B, A, alpha=s)).view(x.shape)     # (..., in)
-        if ctx.needs_input_grad[3]:
-            grad_A = gb_t.mm(x2) * s                                        # (r, in)
-        return grad_x, None, None, grad_A, grad_B, None
+        return _lora_backward(ctx, g, lambda g2, W, A, B, gb_t, s: g2.mm(torch.addmm(W, B, A, alpha=s)))
 
 
 class _ThinLoRA(torch.autograd.Function):
@@ -226,22 +211,28 @@ class _ThinLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, W, A, B, xa_t = ctx.saved_tensors
-        s = ctx.s
-        x2 = x.reshape(-1, x.shape[-1])                                     # (N, in)
-        g2 = g.reshape(-1, g.shape[-1])                                     # (N, out)
-        if torch.is_grad_enabled():   # create_graph: as in _FusedLoRA, recompute with history
-            xa_t = A.mm(x2.t())
-        grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[4]:
-            grad_B = (xa_t.mm(g2) * s).t().contiguous()                     # (out, r)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            gb_t = B.t().mm(g2.t())                                         # (r, N) = (g B)^T
-            if ctx.needs_input_grad[3]:
-                grad_A = gb_t.mm(x2) * s                                    # (r, in)
-            if ctx.needs_input_grad[0]:
-                grad_x = g2.mm(W).addmm_(gb_t.t(), A, alpha=s).view(x.shape)   # (..., in)
-        return grad_x, None, None, grad_A, grad_B, None
+        return _lora_backward(ctx, g, lambda g2, W, A, B, gb_t, s: g2.mm(W).addmm_(gb_t.t(), A, alpha=s))
+
+
+def _lora_backward(ctx, g: Tensor, input_grad) -> tuple:
+    """The backward of `_FusedLoRA` and `_ThinLoRA`, which differ only in how they form the input
+    gradient g (W + s B A): `input_grad(g2, W, A, B, gb_t, s)`, with gb_t = (g B)^T (r, N)."""
+    x, W, A, B, xa_t = ctx.saved_tensors
+    s = ctx.s
+    x2 = x.reshape(-1, x.shape[-1])                                         # (N, in)
+    g2 = g.reshape(-1, g.shape[-1])                                         # (N, out)
+    if torch.is_grad_enabled():   # create_graph: differentiable ops, xa_t recomputed with history
+        xa_t = A.mm(x2.t())
+    grad_x = grad_A = grad_B = None
+    if ctx.needs_input_grad[4]:
+        grad_B = (xa_t.mm(g2) * s).t().contiguous()                         # (out, r)
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+        gb_t = B.t().mm(g2.t())                                             # (r, N) = (g B)^T
+        if ctx.needs_input_grad[0]:
+            grad_x = input_grad(g2, W, A, B, gb_t, s).view(x.shape)         # (..., in)
+        if ctx.needs_input_grad[3]:
+            grad_A = gb_t.mm(x2) * s                                        # (r, in)
+    return grad_x, None, None, grad_A, grad_B, None
 
 
 def _autocast_on(device_type: str) -> bool:
