@@ -18,9 +18,10 @@ ru_maxrss - RSS before the build. The subprocesses run with glibc's mmap thresho
 (`measurement_env`): by default glibc raises it each time a large block is freed, after which
 freed blocks stay in the heap and the peak RSS of the same step varied by 10 MiB between runs
 (stories260K: 29-40 MiB); fixed at 64 KiB, every tensor's pages return to the system when it
-dies and the RSS follows the live tensors (runs within 1 MiB). On CUDA: torch.cuda.max_memory_allocated after
-reset_peak_memory_stats, minus memory_allocated before the build; on MPS:
-driver_allocated_memory after the steps minus before the build (no peak counter there).
+dies and the RSS follows the live tensors (runs within 1 MiB). On CUDA:
+torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before
+the build; on MPS: driver_allocated_memory after the steps minus before the build (no peak
+counter there).
 """
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ on both sides, the same token batch for both:
 Each pair runs eager, and compiled (torch.compile of each model, the optimizer eager) in a
 full run; a compile that fails skips its row with the reason, and --quick skips them
 (compiling takes minutes). Ratios are ours tokens/s / theirs (their step time / ours),
-timed interleaved in this process (timing.py), each sample at least 0.5 s of steps. Peak memory of the stories260K LoRA step:
-each side in fresh processes (train_step.measure_memory's method, glibc's mmap threshold
-fixed), the median of three.
+timed interleaved in this process (timing.py), each sample at least 0.5 s of steps. Peak
+memory of the stories260K LoRA step: each side in fresh processes (train_step.measure_memory's
+method, glibc's mmap threshold fixed), the median of three.
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def _missing(kind: str) -> str | None:
 def run(settings: Settings) -> list:
     device, quick = settings.device, settings.quick
     # A timed sample of at least STEADY_S seconds (several stories260K steps, one GPT-2 step):
-    # with one 80 ms step per sample the paired ratios of one run spread by +-5 %.
+    # with one 80 ms step per sample the paired ratios of one run spread by several per cent.
     steady = settings if quick else dataclasses.replace(settings, min_time=max(settings.min_time, STEADY_S))
     rows = []
     for name, (model_name, kind, their_kind) in PAIRS.items():
