@@ -74,7 +74,8 @@ for name, c in CONFIGS.items():
 # command above) for numbers worth comparing.
 
 # %%
-results = Path(tempfile.mkdtemp(prefix="nanopeft-matrix-"))
+Path("results").mkdir(exist_ok=True)
+results = Path(tempfile.mkdtemp(prefix="matrix-tutorial-", dir="results"))   # a new folder under ./results
 have_real = have_stories()
 
 if have_real:
