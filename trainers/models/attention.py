@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from quantization.codebooks import is_compiling
+
 MAX_HEAD_DIM = 8         # the fused kernel wins from head size 12 up (module docstring)
 MIN_SEQ_LEN = 64         # shorter: the per-chunk Python overhead costs more than it saves
 CHUNK_FLOATS = 1 << 16   # scores per chunk: 64 Ki floats = 256 KiB, about a core's L2 cache
@@ -59,7 +61,7 @@ def applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: flo
     dropout, float32 on the CPU, head size <= MAX_HEAD_DIM, T >= MIN_SEQ_LEN, as many keys as
     queries (no KV cache in use), the fused SDPA kernels allowed (`sdpa_kernel(SDPBackend.MATH)`
     asks for the plain one: this is not it), and not inside torch.compile (which has its own)."""
-    if getattr(torch.compiler, "is_compiling", lambda: False)():   # first: dynamo cannot trace the flag
+    if is_compiling():                                     # first: dynamo cannot trace the flag below
         return False
     T = q.shape[-2]
     return (mask is None and dropout_p == 0.0 and q.device.type == "cpu"
