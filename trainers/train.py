@@ -342,7 +342,8 @@ def train(model: nn.Module, batches: Callable[[int], Iterator[dict]], cfg: Train
         # 7. allocator after the step (masking, rank changes)
         if allocator is not None:
             allocator.after_step(step, model, optimizer)
-            if distributed.trainable_signature(model) != wrapped:    # a rank changed
+            # a rank changed, and a DDP wrapper or a compiled graph holds the old shapes
+            if (net is not model or cfg.compile) and distributed.trainable_signature(model) != wrapped:
                 if net is not model:
                     del net, forward     # DDP's buckets hold the old shapes: wrap the resized model anew
                     net = distributed.wrap(model, rt.device)
